@@ -1,0 +1,237 @@
+"""Pix2Seq model configuration."""
+
+from transformers import PretrainedConfig
+
+
+CLASS_LABEL_CORRUPTIONS = ("none", "rand_cls", "real_n_fake_cls", "rand_n_fake_cls", "real_n_rand_n_fake_cls")
+
+
+class Pix2SeqConfig(PretrainedConfig):
+    r"""
+    Configuration of a Pix2Seq detector: an image encoder (a timm backbone, a projection with 2D sin-cos positions and
+    a pre-LN transformer encoder) and an autoregressive pre-LN decoder that writes every object as 4 quantized
+    coordinate tokens (`y_min, x_min, y_max, x_max`) followed by 1 class token.
+
+    The vocabulary defaults to the official layout: PAD/EOS 0, detection task token 10, FAKE class 30, class token =
+    class index + 100, coordinate tokens from 1000, vocabulary of 3000.
+
+    Args:
+        backbone (`str`, *optional*, defaults to `"resnet50"`):
+            Name of the timm model used as the image backbone (created with `features_only=True`).
+        use_pretrained_backbone (`bool`, *optional*, defaults to `False`):
+            Load the backbone's pretrained timm weights when the model is built. Once loaded, the weights belong to the
+            model's own state and the flag is reset to `False`, so a saved checkpoint never downloads them again.
+        backbone_kwargs (`dict`, *optional*):
+            Extra keyword arguments for `timm.create_model`, e.g. `{"out_indices": (3,)}` to cut a ResNet at stride 16,
+            or `{"pretrained_cfg_overlay": {"file": "weights.safetensors"}}` to load pretrained weights from a file.
+        image_size (`int`, *optional*, defaults to 640):
+            Side of the square canvas images are resized and padded to. Must be divisible by the backbone's stride.
+        num_channels (`int`, *optional*, defaults to 3):
+            Number of input image channels.
+        d_model (`int`, *optional*, defaults to 256):
+            Width of the encoder and decoder layers.
+        encoder_layers (`int`, *optional*, defaults to 6):
+            Number of transformer encoder layers after the backbone (0 is allowed, e.g. for ViT backbones).
+        encoder_attention_heads (`int`, *optional*, defaults to 8):
+            Attention heads in each encoder layer.
+        encoder_ffn_dim (`int`, *optional*, defaults to 1024):
+            Hidden size of the encoder MLPs.
+        decoder_layers (`int`, *optional*, defaults to 6):
+            Number of decoder layers.
+        decoder_attention_heads (`int`, *optional*, defaults to 8):
+            Attention heads in each decoder layer.
+        decoder_ffn_dim (`int`, *optional*, defaults to 1024):
+            Hidden size of the decoder MLPs.
+        dropout (`float`, *optional*, defaults to 0.1):
+            Dropout inside MLPs and on the projected backbone features.
+        attention_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on attention probabilities.
+        drop_path_rate (`float`, *optional*, defaults to 0.1):
+            Stochastic depth rate on every residual branch of the encoder and decoder.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            Epsilon of every LayerNorm.
+        init_std (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the (truncated) normal initialisation of linear and embedding weights.
+        max_instances (`int`, *optional*, defaults to 100):
+            Objects per image: training sequences are filled to this many objects and generation writes
+            `5 * max_instances` tokens.
+        num_bins (`int`, *optional*, defaults to 1000):
+            Quantization bins per coordinate.
+        max_position_embeddings (`int`, *optional*, defaults to 512):
+            Size of the decoder's learned position table; must cover `5 * max_instances + 1` tokens.
+        vocab_size (`int`, *optional*, defaults to 3000):
+            Size of the token vocabulary.
+        pad_token_id (`int`, *optional*, defaults to 0):
+            Padding token, which is also the end-of-sequence token.
+        task_token_id (`int`, *optional*, defaults to 10):
+            The detection prompt: the first decoder input (there is no BOS token).
+        fake_class_token_id (`int`, *optional*, defaults to 30):
+            Class token of noise ("fake") objects.
+        class_token_offset (`int`, *optional*, defaults to 100):
+            Class token of class index `i` is `class_token_offset + i`.
+        coord_token_offset (`int`, *optional*, defaults to 1000):
+            Coordinate bin `b` is token `coord_token_offset + b`.
+        random_object_order (`bool`, *optional*, defaults to `True`):
+            Shuffle the real objects of every training sequence.
+        noise_objects (`bool`, *optional*, defaults to `True`):
+            Fill training sequences to `max_instances` objects with shifted, random and duplicate boxes labelled FAKE.
+        class_label_corruption (`str`, *optional*, defaults to `"rand_n_fake_cls"`):
+            How class tokens of the decoder *input* are corrupted, one of `"none"`, `"rand_cls"`,
+            `"real_n_fake_cls"`, `"rand_n_fake_cls"` (official) or `"real_n_rand_n_fake_cls"`.
+        noise_class_weight (`float`, *optional*, defaults to 1.0):
+            Loss weight of the FAKE class target of noise objects (their coordinates always weigh 0).
+        eos_token_weight (`float`, *optional*, defaults to 0.1):
+            Loss weight of PAD/EOS targets.
+        eos_mode (`bool`, *optional*, defaults to `False`):
+            Train with an EOS after the real objects (noise objects follow, teaching FAKE then EOS) and stop generating
+            once every sequence has ended. `False` is the official fixed-length mode.
+        label_smoothing (`float`, *optional*, defaults to 0.0):
+            Label smoothing of the token cross-entropy.
+    """
+
+    model_type = "pix2seq"
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "decoder_layers",
+        "num_attention_heads": "decoder_attention_heads",
+        "decoder_start_token_id": "task_token_id",
+    }
+    keys_to_ignore_at_inference = ["cache", "past_key_values", "encoder_last_hidden_state"]
+
+    def __init__(
+        self,
+        backbone="resnet50",
+        use_pretrained_backbone=False,
+        backbone_kwargs=None,
+        image_size=640,
+        num_channels=3,
+        d_model=256,
+        encoder_layers=6,
+        encoder_attention_heads=8,
+        encoder_ffn_dim=1024,
+        decoder_layers=6,
+        decoder_attention_heads=8,
+        decoder_ffn_dim=1024,
+        dropout=0.1,
+        attention_dropout=0.0,
+        drop_path_rate=0.1,
+        layer_norm_eps=1e-6,
+        init_std=0.02,
+        max_instances=100,
+        num_bins=1000,
+        max_position_embeddings=512,
+        vocab_size=3000,
+        pad_token_id=0,
+        task_token_id=10,
+        fake_class_token_id=30,
+        class_token_offset=100,
+        coord_token_offset=1000,
+        random_object_order=True,
+        noise_objects=True,
+        class_label_corruption="rand_n_fake_cls",
+        noise_class_weight=1.0,
+        eos_token_weight=0.1,
+        eos_mode=False,
+        label_smoothing=0.0,
+        tie_word_embeddings=True,
+        **kwargs,
+    ):
+        self.backbone = backbone
+        self.use_pretrained_backbone = use_pretrained_backbone
+        self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.image_size = image_size
+        self.num_channels = num_channels
+        self.d_model = d_model
+        self.encoder_layers = encoder_layers
+        self.encoder_attention_heads = encoder_attention_heads
+        self.encoder_ffn_dim = encoder_ffn_dim
+        self.decoder_layers = decoder_layers
+        self.decoder_attention_heads = decoder_attention_heads
+        self.decoder_ffn_dim = decoder_ffn_dim
+        self.dropout = dropout
+        self.attention_dropout = attention_dropout
+        self.drop_path_rate = drop_path_rate
+        self.layer_norm_eps = layer_norm_eps
+        self.init_std = init_std
+        self.max_instances = max_instances
+        self.num_bins = num_bins
+        self.max_position_embeddings = max_position_embeddings
+        self.vocab_size = vocab_size
+        self.task_token_id = task_token_id
+        self.fake_class_token_id = fake_class_token_id
+        self.class_token_offset = class_token_offset
+        self.coord_token_offset = coord_token_offset
+        self.random_object_order = random_object_order
+        self.noise_objects = noise_objects
+        self.class_label_corruption = class_label_corruption
+        self.noise_class_weight = noise_class_weight
+        self.eos_token_weight = eos_token_weight
+        self.eos_mode = eos_mode
+        self.label_smoothing = label_smoothing
+        self.tie_word_embeddings = tie_word_embeddings
+        # A model class registers one Auto class; the others are seeded here so that every saved folder maps them.
+        kwargs.setdefault("auto_map", {
+            "AutoConfig": "configuration_pix2seq.Pix2SeqConfig",
+            "AutoModel": "modeling_pix2seq.Pix2SeqModel",
+            "AutoModelForObjectDetection": "modeling_pix2seq.Pix2SeqForObjectDetection",
+        })
+        kwargs.setdefault("is_encoder_decoder", True)
+        kwargs.setdefault("eos_token_id", pad_token_id)
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        if self.label2id is None and self.id2label is not None:
+            self.label2id = {name: index for index, name in self.id2label.items()}
+        self._validate_pix2seq()
+
+    @property
+    def sequence_length(self):
+        """Decoder tokens per training example (the task token plus one token per generated step)."""
+        return 5 * self.max_instances + int(self.eos_mode)
+
+    def _validate_pix2seq(self):
+        if self.class_label_corruption not in CLASS_LABEL_CORRUPTIONS:
+            raise ValueError(
+                f"class_label_corruption={self.class_label_corruption!r} is not one of {CLASS_LABEL_CORRUPTIONS}."
+            )
+        if self.num_bins < 2:
+            raise ValueError(f"num_bins must be at least 2, got {self.num_bins}.")
+        if self.max_instances < 1:
+            raise ValueError(f"max_instances must be at least 1, got {self.max_instances}.")
+        if min(self.id2label) < 0:
+            raise ValueError(f"Class indices (keys of id2label) must be >= 0, got {min(self.id2label)}.")
+        specials = {"pad_token_id": self.pad_token_id, "task_token_id": self.task_token_id,
+                    "fake_class_token_id": self.fake_class_token_id}
+        for name, token in specials.items():
+            if not 0 <= token < self.class_token_offset:
+                raise ValueError(
+                    f"{name}={token} must lie below class_token_offset={self.class_token_offset}, where special "
+                    "tokens live."
+                )
+        if len(set(specials.values())) != len(specials):
+            raise ValueError(f"Special tokens must differ, got {specials}.")
+        last_class_token = self.class_token_offset + max(self.id2label)
+        if last_class_token >= self.coord_token_offset:
+            raise ValueError(
+                f"Class index {max(self.id2label)} maps to token {last_class_token}, which overlaps the coordinate "
+                f"tokens starting at coord_token_offset={self.coord_token_offset}: at most "
+                f"{self.coord_token_offset - self.class_token_offset} class slots fit."
+            )
+        if self.coord_token_offset + self.num_bins > self.vocab_size:
+            raise ValueError(
+                f"num_bins={self.num_bins} coordinate tokens from coord_token_offset={self.coord_token_offset} need "
+                f"vocab_size >= {self.coord_token_offset + self.num_bins}, got {self.vocab_size}."
+            )
+        if self.sequence_length + 1 > self.max_position_embeddings:
+            raise ValueError(
+                f"max_instances={self.max_instances} needs {self.sequence_length + 1} decoder positions, but "
+                f"max_position_embeddings={self.max_position_embeddings}."
+            )
+        if self.d_model % self.decoder_attention_heads or self.d_model % self.encoder_attention_heads:
+            raise ValueError(
+                f"d_model={self.d_model} must be divisible by the attention heads "
+                f"({self.encoder_attention_heads} encoder, {self.decoder_attention_heads} decoder)."
+            )
+
+
+Pix2SeqConfig.register_for_auto_class()
+
+__all__ = ["Pix2SeqConfig"]
