@@ -1,0 +1,118 @@
+"""The saved folder is what users get: it must load and detect through the Auto classes and the pipeline in a fresh
+process that cannot import the repository, offline."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import tiny_config
+from image_processing_pix2seq import Pix2SeqImageProcessor
+from modeling_pix2seq import Pix2SeqForObjectDetection
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pix2seq-tiny")
+    Pix2SeqForObjectDetection(tiny_config()).save_pretrained(folder)
+    Pix2SeqImageProcessor(image_size=64).save_pretrained(folder)
+    return folder
+
+
+def run_isolated(script, folder, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONDONTWRITEBYTECODE="1")
+    prelude = textwrap.dedent(
+        """
+        import importlib.util, sys
+        assert importlib.util.find_spec("modeling_pix2seq") is None, "the repository must not be importable here"
+        FOLDER = sys.argv[1]
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(script), str(folder)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_saved_folder_holds_code_auto_map_and_no_tokenizer(model_folder):
+    files = {path.name for path in model_folder.iterdir()}
+    assert {"configuration_pix2seq.py", "modeling_pix2seq.py", "tokenization_pix2seq.py", "image_processing_pix2seq.py"} <= files
+    assert {"model.safetensors", "generation_config.json", "preprocessor_config.json"} <= files
+    # A tokenizer that AutoTokenizer can load would send the object-detection pipeline down its LayoutLM branch.
+    assert not any(name.startswith("tokenizer") for name in files)
+    auto_map = json.loads((model_folder / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForObjectDetection"}
+    processor_map = json.loads((model_folder / "preprocessor_config.json").read_text())["auto_map"]
+    assert processor_map == {"AutoImageProcessor": "image_processing_pix2seq.Pix2SeqImageProcessor"}
+
+
+def test_auto_classes_load_the_folder_in_a_fresh_offline_process(model_folder, tmp_path):
+    output = run_isolated(
+        """
+        import torch
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
+        config = AutoConfig.from_pretrained(FOLDER, trust_remote_code=True)
+        model = AutoModelForObjectDetection.from_pretrained(FOLDER, trust_remote_code=True).eval()
+        base = AutoModel.from_pretrained(FOLDER, trust_remote_code=True)
+        processor = AutoImageProcessor.from_pretrained(FOLDER, trust_remote_code=True)
+        pixel_values = processor(torch.rand(3, 40, 70))["pixel_values"]
+        outputs = model(pixel_values=pixel_values)
+        print(config.model_type, type(model).__name__, type(base).__name__, type(processor).__name__)
+        print(tuple(outputs.pred_boxes.shape))
+        """,
+        model_folder,
+        tmp_path,
+    )
+    assert "pix2seq Pix2SeqForObjectDetection Pix2SeqModel Pix2SeqImageProcessor" in output
+    assert "(1, 4, 4)" in output
+
+
+def test_pipeline_detects_in_original_pixels_with_batches_of_mixed_sizes(model_folder, tmp_path):
+    output = run_isolated(
+        """
+        import json
+        import numpy as np, PIL.Image
+        from transformers import pipeline
+        detector = pipeline("object-detection", model=FOLDER, trust_remote_code=True)
+        sizes = [(50, 80), (90, 40), (33, 33)]
+        images = [PIL.Image.fromarray(np.random.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+        batched = detector(images, threshold=0.0, batch_size=2)
+        strict = detector(images[0], threshold=0.99)
+        print(json.dumps({"batched": batched, "strict": strict, "sizes": sizes, "labels": detector.model.config.id2label}))
+        """,
+        model_folder,
+        tmp_path,
+    )
+    result = json.loads(output.strip().splitlines()[-1])
+    labels = set(result["labels"].values())
+    assert len(result["batched"]) == 3
+    assert sum(len(detections) for detections in result["batched"]) > 0
+    for detections, (height, width) in zip(result["batched"], result["sizes"]):
+        for detection in detections:
+            assert detection["label"] in labels and 0 <= detection["score"] <= 1
+            box = detection["box"]
+            assert 0 <= box["xmin"] <= box["xmax"] <= width and 0 <= box["ymin"] <= box["ymax"] <= height
+    # An untrained model has no confident detections.
+    assert result["strict"] == []
+
+
+def test_pipeline_accepts_a_model_object_and_an_image_processor(model_folder):
+    import numpy as np
+    import PIL.Image
+    from transformers import pipeline
+
+    model = Pix2SeqForObjectDetection.from_pretrained(model_folder).eval()
+    detector = pipeline("object-detection", model=model, image_processor=Pix2SeqImageProcessor.from_pretrained(model_folder))
+    detections = detector(PIL.Image.fromarray(np.zeros((20, 60, 3), dtype=np.uint8)), threshold=0.0)
+    assert len(detections) > 0
+    assert all(0 <= d["box"]["xmax"] <= 60 and 0 <= d["box"]["ymax"] <= 20 for d in detections)
