@@ -137,3 +137,12 @@ def test_attention_implementations_agree(config, implementation):
     reference = model(**batch).logits
     model.set_attn_implementation(implementation)
     torch.testing.assert_close(model(**batch).logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_vit_backbone_runs_without_encoder_layers():
+    config = tiny_config(backbone="vit_tiny_patch16_224", backbone_kwargs={"img_size": 64}, encoder_layers=0)
+    model = Pix2SeqForObjectDetection(config).eval()
+    assert model.model.encoder.backbone.stride == 16
+    batch = training_batch(model, batch_size=1)
+    assert torch.isfinite(model(**batch).loss)
+    assert model(pixel_values=batch["pixel_values"]).pred_boxes.shape == (1, config.max_instances, 4)
