@@ -1,0 +1,422 @@
+"""
+Detection data for Pix2Seq training: COCO folders, Hub parquet data sets and the synthetic shapes as `datasets`
+streams in one schema, the box-aware training augmentation, and the collators.
+
+Every source becomes records of one schema (`RECORD_FEATURES`): `image_id`, `image` (the `Image()` feature, not
+decoded until a record is used, so a stream holds paths or bytes), `width`, `height` and `objects` with COCO
+`[x, y, w, h]` pixel boxes (clipped to the image) and contiguous class indices. Evaluation keeps the *original*
+annotations beside it (`DetectionSplit.references`) so COCO mAP is measured against the file, not against the
+cleaned records.
+
+Supported Hub schemas (`--dataset_name`, parquet): columns `image` (`Image()`), `width`, `height`, optional
+`image_id`, and `objects` holding `bbox` (4 numbers per object, COCO `xywh` as in `cppe-5`, or `xyxy` as some
+exports of `detection-datasets/coco` write it: `bbox_format="auto"` checks the boxes against the image size at run
+time) and `category` (a `ClassLabel`, whose names become `id2label`), optionally `iscrowd`/`is_crowd`.
+"""
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+from datasets import ClassLabel, Features, Image, IterableDataset, List, Value
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from image_processing_pix2seq import to_rgb_tensor
+from synthetic_shapes import EVAL_INDEX_OFFSET, MAX_OBJECTS, SHAPE_CLASSES, draw_example
+
+
+logger = logging.getLogger(__name__)
+
+RECORD_FEATURES = Features({
+    "image_id": Value("int64"),
+    "image": Image(decode=False),
+    "width": Value("int32"),
+    "height": Value("int32"),
+    "objects": {"bbox": List(List(Value("float32"), length=4)), "category": List(Value("int64"))},
+})
+
+
+@dataclass
+class LabelMap:
+    """Contiguous class indices (the model's `id2label` keys) and the data set's own category ids, index for index."""
+
+    names: list
+    category_ids: list
+
+    @property
+    def id2label(self):
+        return dict(enumerate(self.names))
+
+    @property
+    def class_index(self):
+        return {category_id: index for index, category_id in enumerate(self.category_ids)}
+
+
+@dataclass
+class DetectionSplit:
+    """
+    One split: `dataset` holds records of `RECORD_FEATURES`; `references` (evaluation splits) the original
+    annotations per image for `coco_map` (`image_id`, `boxes` xywh, `labels` as category ids, `iscrowd`, `area`);
+    `stats` counts what cleaning dropped or changed.
+    """
+
+    dataset: object
+    label_map: LabelMap
+    references: list | None = None
+    stats: Counter = field(default_factory=Counter)
+    max_objects: int | None = None
+
+
+def _fail(path, where, message):
+    raise ValueError(f"{path}: {where}: {message}")
+
+
+def load_coco_annotations(path):
+    """Reads a COCO instances file and checks the fields training needs; every error names the file and the field."""
+    try:
+        with open(path) as file:
+            coco = json.load(file)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from error
+    if not isinstance(coco, dict):
+        _fail(path, "top level", f"expected a JSON object, got {type(coco).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key), list):
+            _fail(path, f"field '{key}'", "missing or not a list")
+    for index, image in enumerate(coco["images"]):
+        for key in ("id", "width", "height"):
+            if not isinstance(image.get(key), int):
+                _fail(path, f"images[{index}] field '{key}'", f"expected an integer, got {image.get(key)!r}")
+        if not isinstance(image.get("file_name"), str):
+            _fail(path, f"images[{index}] field 'file_name'", f"expected a string, got {image.get('file_name')!r}")
+    for index, category in enumerate(coco["categories"]):
+        if not isinstance(category.get("id"), int):
+            _fail(path, f"categories[{index}] field 'id'", f"expected an integer, got {category.get('id')!r}")
+    image_ids = {image["id"] for image in coco["images"]}
+    for index, annotation in enumerate(coco["annotations"]):
+        bbox = annotation.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            _fail(path, f"annotations[{index}] field 'bbox'", f"expected 4 numbers [x, y, w, h], got {bbox!r}")
+        if annotation.get("image_id") not in image_ids:
+            _fail(path, f"annotations[{index}] field 'image_id'", f"{annotation.get('image_id')!r} is not in 'images'")
+        if not isinstance(annotation.get("category_id"), int):
+            _fail(path, f"annotations[{index}] field 'category_id'", f"expected an integer, got {annotation.get('category_id')!r}")
+    known = {category["id"] for category in coco["categories"]}
+    missing = sorted({annotation["category_id"] for annotation in coco["annotations"]} - known)
+    if missing:
+        _fail(path, "field 'category_id'", f"annotations use category ids {missing} that are not in 'categories' {sorted(known)}")
+    return coco
+
+
+def clean_objects(boxes, categories, crowd, width, height, stats):
+    """
+    Boxes a model can learn from: crowd regions dropped, boxes clipped to the image, boxes with no area left (zero or
+    negative width/height, or wholly outside) dropped. `stats` counts each case. Returns xywh boxes and categories.
+    """
+    kept_boxes, kept_categories = [], []
+    for (x, y, w, h), category, is_crowd in zip(boxes, categories, crowd):
+        if is_crowd:
+            stats["crowd_boxes_dropped"] += 1
+            continue
+        x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+        x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+        if x1 <= x0 or y1 <= y0:
+            stats["empty_boxes_dropped"] += 1
+            continue
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            stats["boxes_clipped"] += 1
+        kept_boxes.append([x0, y0, x1 - x0, y1 - y0])
+        kept_categories.append(category)
+    return kept_boxes, kept_categories
+
+
+def shards_for(num_items, world_size=1, num_workers=0):
+    """Enough shards that every rank and every DataLoader worker gets whole shards of equal count (when possible)."""
+    readers = world_size * max(num_workers, 1)
+    return max(1, min(num_items, 8 * readers))
+
+
+def _stream(generate, num_shards, **kwargs):
+    # A list in `gen_kwargs` is split into shards, one element each: pass shard numbers, iterate inside.
+    return IterableDataset.from_generator(
+        generate, gen_kwargs={"shards": list(range(num_shards)), "num_shards": num_shards, **kwargs},
+        features=RECORD_FEATURES,
+    )
+
+
+def _coco_records(shards, num_shards, records):
+    for shard in shards:
+        yield from records[shard::num_shards]
+
+
+def coco_split(images_dir, annotations_file, train, streaming=True, max_samples=None, world_size=1, num_workers=0):
+    """
+    A COCO folder as a split. Training drops images left without objects (as the official recipe does); evaluation
+    keeps them (their false positives count). Images are referenced by path and decoded only when used; a stream has
+    shards for `world_size` ranks of `num_workers` DataLoader workers.
+    """
+    coco = load_coco_annotations(annotations_file)
+    categories = sorted(coco["categories"], key=lambda category: category["id"])
+    label_map = LabelMap([c.get("name", str(c["id"])) for c in categories], [c["id"] for c in categories])
+    class_index = label_map.class_index
+    per_image = {image["id"]: [] for image in coco["images"]}
+    for annotation in coco["annotations"]:
+        per_image[annotation["image_id"]].append(annotation)
+    images = sorted(coco["images"], key=lambda image: image["id"])[:max_samples]
+
+    stats, records, references = Counter(), [], []
+    for image in images:
+        annotations = per_image[image["id"]]
+        boxes, categories = clean_objects(
+            [a["bbox"] for a in annotations], [class_index[a["category_id"]] for a in annotations],
+            [a.get("iscrowd", 0) for a in annotations], image["width"], image["height"], stats,
+        )
+        if train and not boxes:
+            stats["images_without_objects_dropped"] += 1
+            continue
+        records.append({
+            "image_id": image["id"], "image": os.path.join(images_dir, image["file_name"]),
+            "width": image["width"], "height": image["height"], "objects": {"bbox": boxes, "category": categories},
+        })
+        references.append({
+            "image_id": image["id"],
+            "boxes": [a["bbox"] for a in annotations],
+            "labels": [a["category_id"] for a in annotations],
+            "iscrowd": [int(a.get("iscrowd", 0)) for a in annotations],
+            "area": [float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in annotations],
+        })
+    if stats:
+        logger.info("%s: %s", annotations_file, dict(stats))
+    if streaming:
+        dataset = _stream(_coco_records, shards_for(len(records), world_size, num_workers), records=tuple(records))
+    else:
+        dataset = datasets.Dataset.from_list(records, features=RECORD_FEATURES)
+    max_objects = max((len(record["objects"]["bbox"]) for record in records), default=0)
+    return DetectionSplit(dataset, label_map, None if train else references, stats, max_objects)
+
+
+def _synthetic_record(index, image_size):
+    image, boxes, labels = draw_example(index, image_size, MAX_OBJECTS)
+    return {"image_id": index, "image": image, "width": image_size, "height": image_size,
+            "objects": {"bbox": boxes, "category": labels}}
+
+
+def _synthetic_records(shards, num_shards, num_images, image_size):
+    for shard in shards:
+        for index in range(shard, num_images, num_shards):
+            yield _synthetic_record(index, image_size)
+
+
+def synthetic_split(train, num_images, image_size=96, world_size=1, num_workers=0):
+    """
+    The synthetic shapes (`synthetic_shapes.py`): training streams images `0 .. num_images - 1`, drawn as they are
+    read; evaluation holds `num_images` images from `EVAL_INDEX_OFFSET` on, which training never draws.
+    """
+    label_map = LabelMap(list(SHAPE_CLASSES), list(range(len(SHAPE_CLASSES))))
+    if train:
+        num_shards = shards_for(num_images, world_size, num_workers)
+        dataset = _stream(_synthetic_records, num_shards, num_images=num_images, image_size=image_size)
+        return DetectionSplit(dataset, label_map, max_objects=MAX_OBJECTS)
+    records = [_synthetic_record(EVAL_INDEX_OFFSET + i, image_size) for i in range(num_images)]
+    references = [
+        {"image_id": r["image_id"], "boxes": r["objects"]["bbox"], "labels": r["objects"]["category"],
+         "iscrowd": [0] * len(r["objects"]["bbox"]), "area": [w * h for _, _, w, h in r["objects"]["bbox"]]}
+        for r in records
+    ]
+    return DetectionSplit(datasets.Dataset.from_list(records, features=RECORD_FEATURES), label_map, references)
+
+
+def infer_bbox_format(rows, declared="auto"):
+    """
+    Which of `xywh` / `xyxy` the boxes of `rows` (Hub records with `width`, `height`, `objects.bbox`) are in: the one
+    whose boxes stay inside the image with positive size. A declared format the boxes contradict is an error.
+    """
+    violations = Counter()
+    for row in rows:
+        limit_w, limit_h = row["width"] + 1, row["height"] + 1
+        for x, y, a, b in row["objects"]["bbox"]:
+            violations["xywh"] += a < 0 or b < 0 or x + a > limit_w or y + b > limit_h
+            violations["xyxy"] += a < x or b < y or a > limit_w or b > limit_h
+    candidates = [name for name in ("xywh", "xyxy") if violations[name] == 0]
+    if declared != "auto":
+        if violations[declared]:
+            raise ValueError(
+                f"bbox_format={declared!r} but {violations[declared]} boxes of the first {len(rows)} records leave the "
+                f"image or have negative size in that format; the boxes fit {candidates or 'neither format'}."
+            )
+        return declared
+    if not candidates:
+        raise ValueError(f"The boxes fit neither xywh nor xyxy inside the image ({dict(violations)} violations).")
+    if len(candidates) == 2:
+        logger.warning("Boxes of the first %d records fit both xywh and xyxy; assuming COCO xywh.", len(rows))
+    return candidates[0]
+
+
+def hub_split(name, split, train, config_name=None, streaming=True, bbox_format="auto", max_samples=None):
+    """A parquet detection data set (Hub id or local folder) in one of the schemas in the module docstring."""
+    dataset = datasets.load_dataset(name, config_name, split=split, streaming=streaming or None)
+    objects = (dataset.features or {}).get("objects")
+    category = objects.get("category") if isinstance(objects, dict) else None
+    category = getattr(category, "feature", category)
+    if not {"image", "width", "height"} <= set(dataset.features or {}) or not isinstance(category, ClassLabel):
+        raise ValueError(
+            f"{name}: expected columns image, width, height and objects.bbox / objects.category (a ClassLabel); got "
+            f"{dataset.features}. See detection_data.py for the supported schemas."
+        )
+    if max_samples is not None:
+        dataset = dataset.take(max_samples) if streaming else dataset.select(range(min(max_samples, len(dataset))))
+    dataset = dataset.cast_column("image", Image(decode=False))
+    bbox_format = infer_bbox_format(list(dataset.take(64)), bbox_format)
+    label_map = LabelMap(list(category.names), list(range(len(category.names))))
+    stats = Counter()
+
+    def to_record(row, index):
+        boxes = [[x, y, a - x, b - y] for x, y, a, b in row["objects"]["bbox"]] if bbox_format == "xyxy" else row["objects"]["bbox"]
+        crowd = row["objects"].get("iscrowd", row["objects"].get("is_crowd", [0] * len(boxes)))
+        kept_boxes, categories = clean_objects(boxes, row["objects"]["category"], crowd, row["width"], row["height"], stats)
+        return {"image_id": row.get("image_id", index), "image": row["image"], "width": row["width"],
+                "height": row["height"], "objects": {"bbox": kept_boxes, "category": categories},
+                "reference": {"boxes": boxes, "labels": list(row["objects"]["category"]), "iscrowd": [int(c) for c in crowd]}}
+
+    dataset = dataset.map(to_record, with_indices=True, remove_columns=list(dataset.features))
+    references = None
+    if not train:
+        references = [
+            {"image_id": row["image_id"], **row["reference"], "area": [w * h for _, _, w, h in row["reference"]["boxes"]]}
+            for row in dataset
+        ]
+    dataset = dataset.remove_columns("reference")
+    if train:
+        dataset = dataset.filter(lambda row: len(row["objects"]["bbox"]) > 0)
+    return DetectionSplit(dataset, label_map, references, stats)
+
+
+class ImageReader:
+    """
+    Decodes the `image` value of a record to a `(3, H, W)` float tensor. An unreadable image (missing, truncated, not
+    an image) is skipped with a warning and counted, or, with `fail_on_bad_records`, raises naming the file.
+    """
+
+    def __init__(self, fail_on_bad_records=False):
+        self.fail_on_bad_records = fail_on_bad_records
+        self.num_skipped = 0
+        self.feature = Image()
+
+    def __call__(self, value):
+        name = value.get("path") or "<image bytes>"
+        try:
+            return to_rgb_tensor(self.feature.decode_example(value))
+        except Exception as error:  # PIL raises OSError, ValueError, SyntaxError... for bad files
+            if self.fail_on_bad_records:
+                raise ValueError(f"Cannot read image {name}: {error}") from error
+            self.num_skipped += 1
+            logger.warning("Skipped unreadable image %s (%s); %d skipped so far in this process.", name, error, self.num_skipped)
+            return None
+
+
+class TrainAugmentation:
+    """
+    The official detection training augmentation, box-aware through torchvision `transforms.v2`: scale jitter of the
+    canvas size by U(`min_scale`, `max_scale`) with the aspect ratio kept, a random crop of at most the canvas, a
+    horizontal flip, then padding bottom-right to the canvas (as at inference). Boxes leaving the crop are clipped,
+    and dropped once nothing is left.
+    """
+
+    def __init__(self, image_size, min_scale=0.3, max_scale=2.0, flip_probability=0.5, pad_value=0.3):
+        self.image_size = image_size
+        self.pad_value = pad_value
+        self.jitter = v2.ScaleJitter((image_size, image_size), scale_range=(min_scale, max_scale), antialias=True)
+        self.flip = v2.RandomHorizontalFlip(flip_probability)
+        self.sanitize = v2.SanitizeBoundingBoxes(min_size=1.0)
+
+    def __call__(self, image, boxes, labels):
+        """`(3, H, W)` image, `(N, 4)` xyxy pixel boxes, `(N,)` labels -> `(3, S, S)` canvas, boxes in canvas pixels, labels."""
+        boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:]))
+        image, boxes = self.jitter(tv_tensors.Image(image), boxes)
+        height, width = image.shape[-2:]
+        crop_height, crop_width = min(height, self.image_size), min(width, self.image_size)
+        top = int(torch.randint(0, height - crop_height + 1, ()))
+        left = int(torch.randint(0, width - crop_width + 1, ()))
+        image, boxes = F.crop(image, top, left, crop_height, crop_width), F.crop(boxes, top, left, crop_height, crop_width)
+        sample = self.sanitize(self.flip({"image": image, "boxes": F.clamp_bounding_boxes(boxes), "labels": labels}))
+        padding = [0, 0, self.image_size - crop_width, self.image_size - crop_height]  # left, top, right, bottom
+        canvas = F.pad(sample["image"], padding, fill=self.pad_value)
+        return canvas.as_subclass(torch.Tensor), sample["boxes"].as_subclass(torch.Tensor), sample["labels"]
+
+
+class TrainTransform:
+    """
+    Record batch -> model inputs, for `IterableDataset.map(batched=True)`: decode, augment, normalise as the image
+    processor does, and build the tokenizer's augmented sequence. Unreadable records are left out of the batch.
+    """
+
+    def __init__(self, image_processor, tokenizer, augmentation, reader):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.augmentation = augmentation
+        self.reader = reader
+
+    def __call__(self, batch):
+        outputs = {"pixel_values": [], "decoder_input_ids": [], "labels": [], "token_weights": []}
+        for value, objects in zip(batch["image"], batch["objects"]):
+            image = self.reader(value)
+            if image is None:
+                continue
+            xywh = torch.tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
+            boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+            labels = torch.tensor(objects["category"], dtype=torch.long)
+            canvas, boxes, labels = self.augmentation(image, boxes, labels)
+            if self.image_processor.do_normalize:
+                canvas = F.normalize(canvas, self.image_processor.image_mean, self.image_processor.image_std)
+            # More objects than `max_instances`: the tokenizer shuffles them and keeps the first ones (a random subset).
+            sequence = self.tokenizer.build_training_sequence(boxes / self.augmentation.image_size, labels)
+            outputs["pixel_values"].append(canvas)
+            for key, value in sequence.items():
+                outputs[key].append(value)
+        return outputs
+
+
+def train_stream(split, transform, seed=0, shuffle_buffer_size=1000, batch_size=16):
+    """Shuffled (shard order and a buffer, one seed on every rank so that shards stay disjoint), then transformed."""
+    dataset = split.dataset
+    if not isinstance(dataset, IterableDataset):
+        dataset = dataset.to_iterable_dataset(num_shards=shards_for(len(dataset)))
+    dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+    return dataset.map(transform, batched=True, batch_size=batch_size, remove_columns=list(RECORD_FEATURES))
+
+
+def collate_train(examples):
+    """Stacks transformed examples; pixels in channels-last, the layout convolutions run fastest in."""
+    batch = {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
+    batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+class EvalCollator:
+    """Records -> `pixel_values` through the image processor, plus `image_ids` and original `target_sizes` (h, w)."""
+
+    def __init__(self, image_processor, reader):
+        self.image_processor = image_processor
+        self.reader = reader
+
+    def __call__(self, rows):
+        images, image_ids = [], []
+        for row in rows:
+            image = self.reader(row["image"])
+            if image is not None:
+                images.append(image)
+                image_ids.append(row["image_id"])
+        if not images:
+            return {"pixel_values": None, "image_ids": torch.zeros(0, dtype=torch.long), "target_sizes": torch.zeros(0, 2)}
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return {
+            "pixel_values": pixel_values.contiguous(memory_format=torch.channels_last),
+            "image_ids": torch.tensor(image_ids),
+            "target_sizes": torch.tensor([image.shape[-2:] for image in images]),
+        }
