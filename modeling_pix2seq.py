@@ -8,10 +8,10 @@ import timm
 import torch
 from timm.layers import DropPath
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import CompileConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-from transformers.generation import LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
+from transformers.generation import GenerateEncoderDecoderOutput, LogitsProcessor, LogitsProcessorList
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
@@ -351,13 +351,15 @@ class Pix2SeqGrammarLogitsProcessor(LogitsProcessor):
         object_start[tokenizer.pad_token_id] = allow_eos
         class_tokens = torch.zeros(vocab_size, dtype=torch.bool)
         class_tokens[tokenizer.class_token_ids] = True
-        self.allowed = torch.stack([object_start, coordinate, coordinate, coordinate, class_tokens])  # (5, V)
+        self.blocked = ~torch.stack([object_start, coordinate, coordinate, coordinate, class_tokens])  # (5, V)
         self.prompt_length = prompt_length
 
     def __call__(self, input_ids, scores):
+        # Moved once, not every step: a host-to-device copy per token would cost more than the masking itself.
+        if self.blocked.device != scores.device:
+            self.blocked = self.blocked.to(scores.device)
         step = input_ids.shape[1] - self.prompt_length
-        allowed = self.allowed[step % 5].to(scores.device)
-        return scores.masked_fill(~allowed, -float("inf"))
+        return scores.masked_fill(self.blocked[step % 5], -float("inf"))
 
 
 class Pix2SeqTopPLogitsWarper(LogitsProcessor):
@@ -400,7 +402,8 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
             temperature=1.0,
             decoder_start_token_id=config.task_token_id,
             pad_token_id=config.pad_token_id,
-            eos_token_id=config.pad_token_id,
+            # The official fixed-length mode never stops early; EOS (= PAD) exists only in EOS mode.
+            eos_token_id=config.pad_token_id if config.eos_mode else None,
         )
 
     def get_encoder(self):
@@ -480,9 +483,14 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         `GenerationMixin.generate` with Pix2Seq's decoding rules in front: the grammar processor (coordinates, then a
         class; EOS only at object boundaries in EOS mode) and, when sampling with `top_p < 1`, the official top-p
         semantics in place of transformers' `TopPLogitsWarper`.
+
+        With `cache_implementation="static"` and only these rules (no extra processors, beams or model kwargs), it runs
+        Pix2Seq's own static decode loop instead (see `_generate_static`); its greedy output is the same.
         """
         generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         kwargs = generation_config.update(**kwargs)
+        if self._can_generate_static(generation_config, logits_processor, kwargs):
+            return self._generate_static(pixel_values, generation_config, use_grammar)
         processors = LogitsProcessorList()
         if use_grammar:
             processors.append(Pix2SeqGrammarLogitsProcessor(self.tokenizer, self.config.vocab_size, allow_eos=self.config.eos_mode))
@@ -493,6 +501,118 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
             generation_config.temperature = 1.0
         processors.extend(logits_processor or [])
         return super().generate(pixel_values=pixel_values, logits_processor=processors, generation_config=generation_config, **kwargs)
+
+    @staticmethod
+    def _can_generate_static(generation_config, logits_processor, model_kwargs):
+        return (
+            generation_config.cache_implementation == "static"
+            and not logits_processor
+            and not model_kwargs
+            and (generation_config.num_beams or 1) == 1
+            and (generation_config.num_return_sequences or 1) == 1
+            and not generation_config.top_k
+            and not generation_config.min_new_tokens
+        )
+
+    @torch.no_grad()
+    def _generate_static(self, pixel_values, generation_config, use_grammar):
+        """
+        Pix2Seq decoding at the hardware floor. The decode step (decoder, grammar, top-p, sampling) is one function over
+        fixed shapes and in-place buffers, compiled under the same rule as `GenerationMixin`'s static-cache forward (on
+        CUDA by default, `compile_config` with `mode="reduce-overhead"`: one CUDA graph replay per token). Besides the
+        logits processors, stock `generate` syncs the host with the device every token to test for EOS; here the loop
+        never waits on the device, except after steps where EOS may appear (object starts, in EOS mode) to stop once
+        every sequence has ended. Returns what `generate` returns (`sequences`, and `logits` if `output_logits`).
+        """
+        encoder_hidden_states = self.model.encoder(pixel_values).last_hidden_state  # (B, S, D)
+        batch_size, device = encoder_hidden_states.shape[0], encoder_hidden_states.device
+        max_new_tokens = generation_config.max_new_tokens or generation_config.max_length - 1
+        cache, finished = self._static_decoding_state(encoder_hidden_states, max_new_tokens)
+        grammar = Pix2SeqGrammarLogitsProcessor(self.tokenizer, self.config.vocab_size, allow_eos=self.config.eos_mode)
+        blocked = (grammar.blocked if use_grammar else torch.zeros_like(grammar.blocked)).to(device)  # (5, V)
+        eos_token_id = generation_config.eos_token_id
+        eos_token_id = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
+        can_end = eos_token_id is not None and (self.config.eos_mode or not use_grammar)
+        sampling = {
+            "do_sample": bool(generation_config.do_sample),
+            "top_p": generation_config.top_p if generation_config.top_p is not None else 1.0,
+            "temperature": generation_config.temperature or 1.0,
+            "eos_token_id": eos_token_id,
+        }
+
+        sequences = torch.full((batch_size, max_new_tokens + 1), self.config.pad_token_id, device=device)
+        sequences[:, 0] = generation_config.decoder_start_token_id
+        logits = None
+        if generation_config.output_logits:
+            logits = torch.empty(batch_size, max_new_tokens, self.config.vocab_size, device=device)
+        compiled = self._valid_auto_compile_criteria({"cache": cache}, generation_config)
+        decode_step = self._decode_step
+        for step in range(max_new_tokens):
+            if step == 1 and compiled:
+                # The first step allocates the cache and projects the image keys/values: it stays eager.
+                decode_step = self._compiled_decode_step(generation_config.compile_config)
+            if compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            next_tokens, step_logits = decode_step(
+                sequences[:, step : step + 1], encoder_hidden_states, cache, blocked[step % 5], finished, **sampling
+            )
+            sequences[:, step + 1] = next_tokens
+            if logits is not None:
+                logits[:, step] = step_logits
+            # With the grammar, EOS can only start an object: the only steps worth a host sync.
+            if can_end and (step % 5 == 0 or not use_grammar) and bool(finished.all()):
+                break
+        sequences = sequences[:, : step + 2]
+        if not generation_config.return_dict_in_generate:
+            return sequences
+        return GenerateEncoderDecoderOutput(
+            sequences=sequences,
+            logits=None if logits is None else logits[:, : step + 1].unbind(1),
+            **{_cache_field(): cache},
+        )
+
+    def _static_decoding_state(self, encoder_hidden_states, max_new_tokens):
+        """The static cache and the `(B,)` finished flags, reset, and kept from call to call of the same shape."""
+        batch_size, encoder_length, _ = encoder_hidden_states.shape
+        key = (batch_size, encoder_length, max_new_tokens, encoder_hidden_states.dtype, encoder_hidden_states.device)
+        # CUDA graphs record the addresses of these in-place buffers: new ones every call would record new graphs.
+        if getattr(self, "_static_decoding_key", None) != key:
+            self._static_decoding_key = key
+            finished = torch.zeros(batch_size, dtype=torch.bool, device=encoder_hidden_states.device)
+            torch._dynamo.mark_static_address(finished)
+            self._static_decoding_buffers = (
+                EncoderDecoderCache(
+                    StaticCache(config=self.config, max_cache_len=max_new_tokens),
+                    StaticCache(config=self.config, max_cache_len=encoder_length),
+                ),
+                finished,
+            )
+        cache, finished = self._static_decoding_buffers
+        cache.reset()
+        finished.zero_()
+        return cache, finished
+
+    def _compiled_decode_step(self, compile_config):
+        compile_config = compile_config or CompileConfig(fullgraph=True)
+        if getattr(self, "_decode_step_compile_config", None) != compile_config:
+            self._decode_step_compile_config = compile_config
+            self._compiled_decode_step_fn = torch.compile(self._decode_step, **compile_config.to_dict())
+        return self._compiled_decode_step_fn
+
+    def _decode_step(self, input_ids, encoder_hidden_states, cache, blocked, finished, do_sample, top_p, temperature, eos_token_id):
+        """One token for every sequence: `(B, 1)` ids -> `(B,)` next ids and their `(B, V)` raw logits."""
+        logits = self.lm_head(self.model.decoder(input_ids, encoder_hidden_states, cache)[:, -1]).float()
+        scores = logits.masked_fill(blocked, -float("inf"))
+        if do_sample:
+            scores = Pix2SeqTopPLogitsWarper(top_p, temperature)(input_ids, scores) if top_p < 1.0 else scores / temperature
+            # Exponential race: a categorical sample that CUDA graphs can capture, unlike `torch.multinomial`.
+            next_tokens = (scores.softmax(dim=-1) / torch.empty_like(scores).exponential_()).argmax(dim=-1)
+        else:
+            next_tokens = scores.argmax(dim=-1)
+        if eos_token_id is not None:
+            next_tokens = next_tokens.masked_fill(finished, self.config.pad_token_id)
+            finished |= next_tokens == eos_token_id
+        return next_tokens, logits
 
     @torch.no_grad()
     def detect(self, pixel_values, **generate_kwargs):

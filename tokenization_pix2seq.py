@@ -220,7 +220,7 @@ class Pix2SeqTokenizer:
         x = torch.sort(yxyx[..., 1::2], dim=-1).values
         boxes = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
 
-        class_logits = logits[:, : 5 * num_objects].reshape(batch_size, num_objects, 5, -1)[:, :, 4].float()
+        class_logits = logits[:, : 5 * num_objects].reshape(batch_size, num_objects, 5, logits.shape[-1])[:, :, 4].float()
         class_logits = class_logits.nan_to_num(nan=-1e4, posinf=1e4, neginf=-1e4)
         class_token_ids = self.class_token_ids.to(class_logits.device)
         probs = class_logits.softmax(dim=-1)[..., class_token_ids]

@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from modeling_pix2seq import Pix2SeqForObjectDetection
+
+PATHS = [{}, {"cache_implementation": "static"}]
+
+
+def model_with_eos_bias(eos_mode, eos_bias, max_instances=6):
+    config = tiny_config(eos_mode=eos_mode, max_instances=max_instances, max_position_embeddings=64)
+    model = Pix2SeqForObjectDetection(config).eval()
+    with torch.no_grad():
+        model.lm_head.bias[config.pad_token_id] = eos_bias
+    return model
+
+
+@pytest.mark.parametrize("path", PATHS, ids=["generation_mixin", "static"])
+def test_eos_mode_stops_after_one_token_when_eos_is_certain_at_the_first_object(path):
+    model = model_with_eos_bias(eos_mode=True, eos_bias=1e4)
+    pixel_values = torch.rand(3, 3, 64, 64)
+    sequences = model.generate(pixel_values, do_sample=False, **path)
+    assert sequences.tolist() == [[model.config.task_token_id, model.config.pad_token_id]] * 3
+    detections = model.detect(pixel_values, do_sample=False, **path)
+    assert detections.pred_boxes.shape == (3, 0, 4)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=["generation_mixin", "static"])
+def test_fixed_mode_writes_every_object_even_when_eos_is_most_likely(path):
+    model = model_with_eos_bias(eos_mode=False, eos_bias=1e4)
+    sequences = model.generate(torch.rand(3, 3, 64, 64), do_sample=False, **path)
+    assert sequences.shape == (3, 1 + 5 * model.config.max_instances)
+    assert (sequences[:, 1:] != model.config.pad_token_id).all()
+
+
+@pytest.mark.parametrize("path", PATHS, ids=["generation_mixin", "static"])
+def test_eos_mode_batch_runs_until_its_last_sequence_ends_and_pads_the_ended_ones(path):
+    # With near-zero coordinate logits, a bias of log(num_bins) makes EOS as likely as all coordinates together at
+    # every object start: the sequences end at different objects.
+    model = model_with_eos_bias(eos_mode=True, eos_bias=math.log(tiny_config().num_bins), max_instances=12)
+    pad = model.config.pad_token_id
+    tokens = model.generate(torch.rand(8, 3, 64, 64), top_p=1.0, **path)[:, 1:]
+    ends = [(row == pad).nonzero()[0].item() if (row == pad).any() else None for row in tokens]
+    assert len({end for end in ends}) > 1
+    for row, end in zip(tokens, ends):
+        if end is not None:
+            assert end % 5 == 0, "EOS may only start an object"
+            assert (row[end:] == pad).all()
+            assert (row[:end] != pad).all()
+    if None not in ends:
+        assert max(ends) == tokens.shape[1] - 1, "generation must stop right after the last sequence ends"
+    else:
+        assert tokens.shape[1] == model.config.sequence_length
+
+
+def test_eos_mode_greedy_static_generation_equals_generation_mixin():
+    model = model_with_eos_bias(eos_mode=True, eos_bias=0.0)
+    pixel_values = torch.rand(3, 3, 64, 64)
+    reference = model.generate(pixel_values, do_sample=False)
+    static = model.generate(pixel_values, do_sample=False, cache_implementation="static")
+    torch.testing.assert_close(static, reference, rtol=0, atol=0)
+
+
+def test_eos_mode_trains_on_sequences_one_token_longer():
+    model = model_with_eos_bias(eos_mode=True, eos_bias=0.0).train()
+    example = model.tokenizer.build_training_sequence(torch.tensor([[0.1, 0.2, 0.5, 0.6]]), torch.tensor([1]))
+    batch = {key: value.unsqueeze(0) for key, value in example.items()}
+    assert batch["labels"].shape == (1, 5 * model.config.max_instances + 1)
+    assert batch["labels"][0, 5] == model.config.pad_token_id
+    output = model(pixel_values=torch.rand(1, 3, 64, 64), **batch)
+    assert output.logits.shape[1] == model.config.sequence_length
+    assert torch.isfinite(output.loss)
