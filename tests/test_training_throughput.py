@@ -1,0 +1,47 @@
+import torch
+
+from conftest import tiny_config
+from modeling_pix2seq import Pix2SeqForObjectDetection
+
+
+def deterministic_model():
+    return Pix2SeqForObjectDetection(tiny_config(dropout=0.0, drop_path_rate=0.0)).train()
+
+
+def training_batch(model):
+    example = model.tokenizer.build_training_sequence(torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.3, 0.1, 0.9, 0.4]]), torch.tensor([0, 2]))
+    batch = {key: torch.stack([value, value]) for key, value in example.items()}
+    batch["pixel_values"] = torch.rand(2, 3, model.config.image_size, model.config.image_size)
+    return batch
+
+
+def loss_and_gradients(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    model = deterministic_model()
+    batch = training_batch(model)
+    loss, gradients = loss_and_gradients(model, batch)
+    # transformers 5.23 renamed `gradient_checkpointing_enable`, which stays as a deprecated alias.
+    model.activation_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    checkpointed_loss, checkpointed_gradients = loss_and_gradients(model, batch)
+    torch.testing.assert_close(checkpointed_loss, loss)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(checkpointed_gradients[name], gradient, msg=name)
+
+
+def test_channels_last_backbone_gives_the_same_loss_and_gradients():
+    model = deterministic_model()
+    batch = training_batch(model)
+    loss, gradients = loss_and_gradients(model, batch)
+    model.to(memory_format=torch.channels_last)
+    batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
+    channels_last_loss, channels_last_gradients = loss_and_gradients(model, batch)
+    torch.testing.assert_close(channels_last_loss, loss)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(channels_last_gradients[name], gradient, rtol=1e-4, atol=1e-5, msg=name)
