@@ -1,6 +1,5 @@
 """Image processor for Pix2Seq: resize the longest side, pad bottom-right to a fixed square canvas."""
 
-import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
@@ -9,38 +8,77 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
 
+class InvalidImageError(ValueError):
+    """An image file that cannot be decoded, or an image with an empty side."""
+
+
+def load_image(path):
+    """
+    Opens and fully decodes an image file, so that a truncated, corrupt or non-image file fails here, with an
+    `InvalidImageError` naming the file, rather than later inside a batch. Orientation and mode are left to
+    `to_rgb_tensor`.
+    """
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return image
+    # PIL reports bad data as OSError (truncated, unidentified), SyntaxError (broken PNG chunks), ValueError or
+    # EOFError depending on the decoder, and a decompression bomb as its own error class.
+    except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
+        raise InvalidImageError(f"Cannot read image file {path}: {error}") from error
+
+
+def _pil_to_tensor(image):
+    """An upright `(C, H, W)` tensor of a PIL image: RGB, or one channel for 16/32-bit and float grayscale."""
+    image = PIL.ImageOps.exif_transpose(image)
+    # `convert("RGB")` would clip these to 8 bits; their dtype tells `to_rgb_tensor` how to scale them.
+    if image.mode.startswith("I;16"):
+        # Through "I": torch reads no big-endian "I;16B" data.
+        return F.pil_to_tensor(image.convert("I")).to(torch.uint16)
+    if image.mode in ("I", "F"):
+        return F.pil_to_tensor(image)
+    if "A" in image.getbands() or "transparency" in image.info:
+        # Transparent pixels store arbitrary colours; show them over white, as transformers' `convert_to_rgb` does.
+        image = image.convert("RGBA")
+        image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return F.pil_to_tensor(image.convert("RGB"))
+
+
 def to_rgb_tensor(image):
     """
-    A `(3, H, W)` float tensor in [0, 1] from a PIL image, a numpy array or a tensor (channels first or last).
+    A `(3, H, W)` float tensor in [0, 1] from a PIL image, a numpy array (`(H, W, C)` or `(H, W)`) or a tensor
+    (`(C, H, W)`, or `(H, W, C)` when the first side cannot be channels).
 
     PIL images are turned upright by their EXIF orientation (as a viewer shows them) and converted to RGB whatever
-    their mode (grayscale, palette, RGBA, CMYK, 16-bit). Arrays and tensors of integers are read as 8-bit (16-bit for
-    `uint16`); float ones as [0, 1].
+    their mode: grayscale, palette, CMYK, 16-bit grayscale (kept 16-bit, not clipped to 8) and transparent images
+    (RGBA, LA, palette with transparency: composited over white). Integer arrays and tensors are read as 8-bit
+    (16-bit for `uint16`, and for `int32` above 255), boolean and float ones as [0, 1]; a fourth channel is alpha.
+    Raises `InvalidImageError` for an image with an empty side.
     """
     if isinstance(image, PIL.Image.Image):
-        image = PIL.ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(image, dtype=np.float32)
-            scale = 65535.0 if array.max(initial=0) > 255 else 255.0
-            return torch.from_numpy(array / scale).clamp(0, 1).expand(3, *array.shape).clone()
-        if image.mode == "F":
-            array = np.asarray(image, dtype=np.float32)
-            return torch.from_numpy(array).clamp(0, 1).expand(3, *array.shape).clone()
-        return F.to_dtype(F.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True)
-    tensor = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
-    if tensor.ndim == 2:
-        tensor = tensor.unsqueeze(0)
-    if tensor.ndim != 3:
-        raise ValueError(f"Expected an image with 2 or 3 dimensions, got shape {tuple(tensor.shape)}.")
-    if tensor.shape[0] not in (1, 3, 4) and tensor.shape[-1] in (1, 3, 4):
-        tensor = tensor.permute(2, 0, 1)
+        tensor = _pil_to_tensor(image)
+    else:
+        tensor = torch.as_tensor(image)
+        tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor
+        # numpy images are (H, W, C) by convention and tensors (C, H, W); the other layout only when it is the one
+        # that fits.
+        prefers_last = not isinstance(image, torch.Tensor)
+        if tensor.ndim == 3 and tensor.shape[-1] in (1, 3, 4) and (prefers_last or tensor.shape[0] not in (1, 3, 4)):
+            tensor = tensor.permute(2, 0, 1)
+    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
+        raise ValueError(f"Expected an image with 1, 3 or 4 channels, got shape {tuple(tensor.shape)}.")
+    if 0 in tensor.shape:
+        raise InvalidImageError(f"Image has an empty side: (channels, height, width) = {tuple(tensor.shape)}.")
     if tensor.dtype == torch.uint16 or (tensor.dtype == torch.int32 and tensor.max() > 255):
         tensor = tensor.float() / 65535.0
+    elif tensor.dtype == torch.bool:
+        tensor = tensor.float()
     elif not tensor.is_floating_point():
         tensor = tensor.float() / 255.0
-    tensor = tensor.float().clamp(0, 1)
-    channels = tensor.shape[0]
-    return tensor[:3] if channels >= 3 else tensor.expand(3, -1, -1)
+    tensor = tensor.float().nan_to_num(0.0).clamp(0, 1)
+    if tensor.shape[0] == 4:
+        return tensor[:3] * tensor[3:] + (1 - tensor[3:])
+    return tensor if tensor.shape[0] == 3 else tensor.expand(3, -1, -1).clone()
 
 
 class Pix2SeqImageProcessor(BaseImageProcessor):
@@ -166,4 +204,4 @@ class Pix2SeqImageProcessor(BaseImageProcessor):
 
 Pix2SeqImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = ["Pix2SeqImageProcessor"]
+__all__ = ["InvalidImageError", "Pix2SeqImageProcessor", "load_image", "to_rgb_tensor"]
