@@ -28,7 +28,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     loss, gradients = loss_and_gradients(model, batch)
     # transformers 5.23 renamed `gradient_checkpointing_enable`, which stays as a deprecated alias.
     model.activation_checkpointing_enable()
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     checkpointed_loss, checkpointed_gradients = loss_and_gradients(model, batch)
     torch.testing.assert_close(checkpointed_loss, loss)
     for name, gradient in gradients.items():
