@@ -177,6 +177,10 @@ class Pix2SeqImageProcessor(BaseImageProcessor):
         """
         Turns `Pix2SeqObjectDetectionOutput` into per-image detections.
 
+        Never returns a garbage box: inverted coordinates are put back in order, boxes are clipped to the image (or
+        the canvas), and a detection is dropped when its box or score is not finite, its label is negative (an empty
+        slot) or its box is empty once clipped (e.g. it lies wholly in the padding). Scores are clipped to [0, 1].
+
         Args:
             outputs: the model's output with `pred_boxes` (normalised to the canvas), `pred_scores`, `pred_labels`.
             threshold (`float`): keep detections whose score is above it.
@@ -185,20 +189,32 @@ class Pix2SeqImageProcessor(BaseImageProcessor):
                 padded canvas.
 
         Returns:
-            `list[dict]`, one per image, with `scores`, `labels` and `boxes` (xyxy) tensors sorted by score.
+            `list[dict]`, one per image, with `scores`, `labels` and `boxes` (xyxy) tensors sorted by score; every
+            box satisfies `0 <= x_min < x_max <= width` and `0 <= y_min < y_max <= height`.
         """
+        batch_size = outputs.pred_boxes.shape[0]
+        if target_sizes is not None and len(target_sizes) != batch_size:
+            raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {batch_size} images.")
         results = []
-        for index in range(outputs.pred_boxes.shape[0]):
-            boxes, scores, labels = outputs.pred_boxes[index], outputs.pred_scores[index], outputs.pred_labels[index]
-            keep = (labels >= 0) & (scores > threshold)
-            if target_sizes is not None:
-                height, width = (float(v) for v in target_sizes[index])
-                limits = torch.tensor([width, height, width, height], device=boxes.device)
-                boxes = torch.minimum(boxes * max(height, width), limits)
-                # A box that lies wholly in the padding is empty once clipped to the image.
-                keep &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            order = torch.argsort(scores[keep], descending=True)
-            results.append({"scores": scores[keep][order], "labels": labels[keep][order], "boxes": boxes[keep][order]})
+        for index in range(batch_size):
+            boxes, scores = outputs.pred_boxes[index].float(), outputs.pred_scores[index].float()
+            labels = outputs.pred_labels[index]
+            height, width = (float(v) for v in target_sizes[index]) if target_sizes is not None else (1.0, 1.0)
+            x = boxes[:, 0::2].sort(dim=-1).values * max(height, width)
+            y = boxes[:, 1::2].sort(dim=-1).values * max(height, width)
+            x, y = x.clamp(0, max(width, 0)), y.clamp(0, max(height, 0))
+            boxes = torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=-1)
+            keep = (
+                (labels >= 0)
+                & (scores > threshold)
+                & scores.isfinite()
+                & outputs.pred_boxes[index].isfinite().all(dim=-1)
+                & (x[:, 1] > x[:, 0])
+                & (y[:, 1] > y[:, 0])
+            )
+            scores = scores[keep].clamp(0, 1)
+            order = torch.argsort(scores, descending=True)
+            results.append({"scores": scores[order], "labels": labels[keep][order], "boxes": boxes[keep][order]})
         return results
 
 

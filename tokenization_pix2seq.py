@@ -196,7 +196,8 @@ class Pix2SeqTokenizer:
 
     def decode(self, tokens, logits):
         """
-        Detections from generated tokens. Never raises on any token values.
+        Detections from generated tokens. Never raises on any token values or logits (NaN and infinite logits are
+        read as very low and very high), and decodes only the steps that have both a token and logits.
 
         Args:
             tokens (`torch.LongTensor` of shape `(batch_size, T)`): generated tokens, without the task token.
@@ -210,8 +211,13 @@ class Pix2SeqTokenizer:
             its 4 coordinates, an empty box, a partial object at the end) get score 0 and label -1. Inverted
             coordinates are put back in order.
         """
+        if logits.shape[-1] <= int(self.class_token_ids.max()):
+            raise ValueError(
+                f"Logits over {logits.shape[-1]} tokens cannot score class token {int(self.class_token_ids.max())}: "
+                "the logits and the tokenizer come from different vocabularies."
+            )
         batch_size = tokens.shape[0]
-        num_objects = tokens.shape[1] // 5
+        num_objects = min(tokens.shape[1], logits.shape[1]) // 5
         tokens = tokens[:, : 5 * num_objects].reshape(batch_size, num_objects, 5)
         coord_bins = tokens[..., :4] - self.coord_token_offset
         is_coord = (coord_bins >= 0) & (coord_bins < self.num_bins)
