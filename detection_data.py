@@ -353,17 +353,18 @@ class TrainAugmentation:
 class TrainTransform:
     """
     Record batch -> model inputs, for `IterableDataset.map(batched=True)`: decode, augment, normalise as the image
-    processor does, and build the tokenizer's augmented sequence. Unreadable records are left out of the batch.
+    processor does, then `targets(boxes, labels)` (boxes xyxy normalised to the canvas) adds the training targets:
+    for Pix2Seq the tokenizer's `build_training_sequence`. Unreadable records are left out of the batch.
     """
 
-    def __init__(self, image_processor, tokenizer, augmentation, reader):
+    def __init__(self, image_processor, targets, augmentation, reader):
         self.image_processor = image_processor
-        self.tokenizer = tokenizer
+        self.targets = targets
         self.augmentation = augmentation
         self.reader = reader
 
     def __call__(self, batch):
-        outputs = {"pixel_values": [], "decoder_input_ids": [], "labels": [], "token_weights": []}
+        outputs = {"pixel_values": []}
         for value, objects in zip(batch["image"], batch["objects"]):
             image = self.reader(value)
             if image is None:
@@ -374,11 +375,9 @@ class TrainTransform:
             canvas, boxes, labels = self.augmentation(image, boxes, labels)
             if self.image_processor.do_normalize:
                 canvas = F.normalize(canvas, self.image_processor.image_mean, self.image_processor.image_std)
-            # More objects than `max_instances`: the tokenizer shuffles them and keeps the first ones (a random subset).
-            sequence = self.tokenizer.build_training_sequence(boxes / self.augmentation.image_size, labels)
             outputs["pixel_values"].append(canvas)
-            for key, value in sequence.items():
-                outputs[key].append(value)
+            for key, value in self.targets(boxes / self.augmentation.image_size, labels).items():
+                outputs.setdefault(key, []).append(value)
         return outputs
 
 

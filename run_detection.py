@@ -141,6 +141,8 @@ class Pix2SeqTrainingArguments(TrainingArguments):
     max_steps: int = 6000
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 32
+    # Decoding and augmenting in a worker process overlaps with the training step instead of stalling it.
+    dataloader_num_workers: int = 1
     remove_unused_columns: bool = False
     logging_steps: float = 50
     save_steps: float = 500
@@ -201,6 +203,12 @@ class DetectionTrainer(Trainer):
             self._created_lr_scheduler = True
         return super().create_scheduler(num_training_steps, optimizer)
 
+    def detect_batch(self, model, pixel_values, target_sizes):
+        """Per-image `boxes` (xyxy, original pixels), `scores`, `labels` (class indices)."""
+        outputs = model.detect(pixel_values, **self.generation_kwargs)
+        # Threshold 0: every generated object is ranked, as the official evaluation does.
+        return self.processing_class.post_process_object_detection(outputs, threshold=0.0, target_sizes=target_sizes)
+
     def predict_detections(self, dataset):
         """COCO-style detections (`image_id`, xywh `boxes`, `scores`, `labels` as category ids) for every image."""
         loader = DataLoader(
@@ -214,10 +222,8 @@ class DetectionTrainer(Trainer):
         for batch in loader:
             if batch["pixel_values"] is None:
                 continue
-            # Threshold 0: every generated object is ranked, as the official evaluation does.
             with torch.no_grad(), self.accelerator.autocast():
-                outputs = model.detect(batch["pixel_values"], **self.generation_kwargs)
-            results = self.processing_class.post_process_object_detection(outputs, threshold=0.0, target_sizes=batch["target_sizes"])
+                results = self.detect_batch(model, batch["pixel_values"], batch["target_sizes"])
             for image_id, result in zip(batch["image_ids"].tolist(), results):
                 xyxy = result["boxes"].float().cpu()
                 predictions.append({
@@ -358,7 +364,8 @@ def main(argv=None):
     train_dataset = None
     if train_split is not None:
         augmentation = TrainAugmentation(model.config.image_size, pad_value=image_processor.pad_value)
-        transform = TrainTransform(image_processor, model.tokenizer, augmentation, reader)
+        # More objects than `max_instances`: the tokenizer shuffles them and keeps the first ones (a random subset).
+        transform = TrainTransform(image_processor, model.tokenizer.build_training_sequence, augmentation, reader)
         train_dataset = train_stream(train_split, transform, seed=training_args.seed,
                                      shuffle_buffer_size=data_args.shuffle_buffer_size)
     callbacks = []

@@ -1,0 +1,242 @@
+import json
+import logging
+from collections import Counter
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from detection_data import (
+    ImageReader,
+    TrainAugmentation,
+    TrainTransform,
+    clean_objects,
+    coco_split,
+    collate_train,
+    hub_split,
+    infer_bbox_format,
+    load_coco_annotations,
+    shards_for,
+    synthetic_split,
+    train_stream,
+)
+from image_processing_pix2seq import Pix2SeqImageProcessor
+from synthetic_shapes import EVAL_INDEX_OFFSET, draw_example
+from tokenization_pix2seq import Pix2SeqTokenizer
+
+
+def write_coco(folder, images, annotations, categories=None):
+    """A COCO folder: `images` maps an id to (width, height); every image is a real PNG."""
+    (folder / "images").mkdir(exist_ok=True)
+    for image_id, (width, height) in images.items():
+        PIL.Image.new("RGB", (width, height), (90, 120, 150)).save(folder / "images" / f"{image_id}.png")
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": w, "height": h} for i, (w, h) in images.items()],
+        "annotations": [{"id": n + 1, **a} for n, a in enumerate(annotations)],
+        "categories": categories or [{"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}],
+    }
+    path = folder / "instances.json"
+    path.write_text(json.dumps(coco))
+    return folder / "images", path
+
+
+def test_malformed_json_error_names_file_and_position(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"images": [}')
+    with pytest.raises(ValueError, match=r"broken\.json: malformed JSON at line 1"):
+        load_coco_annotations(path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.pop("annotations"), "field 'annotations': missing"),
+        (lambda c: c["images"][0].pop("width"), r"images\[0\] field 'width'"),
+        (lambda c: c["annotations"][0].update(bbox=[1, 2, 3]), r"annotations\[0\] field 'bbox'"),
+        (lambda c: c["annotations"][0].update(image_id=99), r"annotations\[0\] field 'image_id'"),
+    ],
+)
+def test_invalid_fields_are_named_in_the_error(tmp_path, change, message):
+    _, path = write_coco(tmp_path, {1: (32, 32)}, [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}])
+    coco = json.loads(path.read_text())
+    change(coco)
+    path.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=message) as error:
+        load_coco_annotations(path)
+    assert "instances.json" in str(error.value)
+
+
+def test_category_ids_missing_from_label_map_are_listed(tmp_path):
+    annotations = [{"image_id": 1, "category_id": c, "bbox": [1, 1, 5, 5]} for c in (1, 3, 5, 3)]
+    _, path = write_coco(tmp_path, {1: (32, 32)}, annotations)
+    with pytest.raises(ValueError, match=r"category ids \[3, 5\] that are not in 'categories' \[1, 7\]"):
+        load_coco_annotations(path)
+
+
+def test_boxes_are_clipped_and_empty_or_crowd_ones_dropped_and_counted():
+    stats = Counter()
+    boxes = [[-5, -5, 10, 10], [20, 20, 0, 5], [20, 20, -3, 5], [40, 40, 5, 5], [5, 5, 4, 4], [1, 1, 30, 30]]
+    crowd = [0, 0, 0, 0, 0, 1]
+    kept, categories = clean_objects(boxes, list(range(6)), crowd, 32, 32, stats)
+    assert kept == [[0.0, 0.0, 5.0, 5.0], [5, 5, 4, 4]]
+    assert categories == [0, 4]
+    assert stats == {"boxes_clipped": 1, "empty_boxes_dropped": 3, "crowd_boxes_dropped": 1}
+
+
+def test_training_drops_images_without_objects_and_evaluation_keeps_original_annotations(tmp_path):
+    annotations = [
+        {"image_id": 1, "category_id": 7, "bbox": [30, 30, 10, 10]},  # leaves the 32x32 image: clipped
+        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 32, 32], "iscrowd": 1},
+    ]
+    images, path = write_coco(tmp_path, {1: (32, 32), 2: (32, 32)}, annotations)
+    train = coco_split(images, path, train=True, streaming=False)
+    assert train.dataset["image_id"] == [1]
+    assert train.dataset[0]["objects"] == {"bbox": [[30.0, 30.0, 2.0, 2.0]], "category": [1]}
+    assert train.stats["images_without_objects_dropped"] == 1
+    evaluation = coco_split(images, path, train=False, streaming=False)
+    assert evaluation.dataset["image_id"] == [1, 2]
+    assert evaluation.references[0]["boxes"] == [[30, 30, 10, 10], [0, 0, 32, 32]]
+    assert evaluation.references[0]["labels"] == [7, 1]
+    assert evaluation.references[0]["iscrowd"] == [0, 1]
+    assert evaluation.label_map.category_ids == [1, 7]
+
+
+def test_stream_shards_cover_every_image_once_for_every_rank_and_worker(tmp_path):
+    images = {i: (16, 16) for i in range(1, 41)}
+    annotations = [{"image_id": i, "category_id": 1, "bbox": [1, 1, 4, 4]} for i in images]
+    folder, path = write_coco(tmp_path, images, annotations)
+    split = coco_split(folder, path, train=True, world_size=2, num_workers=2)
+    assert split.dataset.n_shards % 4 == 0
+    shuffled = split.dataset.shuffle(seed=3, buffer_size=8)
+    per_rank = [[row["image_id"] for row in shuffled.shard(num_shards=2, index=rank)] for rank in range(2)]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(images)
+    assert shards_for(3, world_size=2, num_workers=4) == 3
+
+
+def test_unreadable_image_is_skipped_with_a_warning_and_counted(tmp_path, caplog):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    reader = ImageReader()
+    with caplog.at_level(logging.WARNING):
+        assert reader({"path": str(bad), "bytes": None}) is None
+        assert reader({"path": str(tmp_path / "missing.png"), "bytes": None}) is None
+    assert reader.num_skipped == 2
+    assert "bad.jpg" in caplog.text and "2 skipped" in caplog.text
+
+
+def test_unreadable_image_fails_fast_with_its_name_under_the_flag(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff truncated")
+    with pytest.raises(ValueError, match="bad.jpg"):
+        ImageReader(fail_on_bad_records=True)({"path": str(bad), "bytes": None})
+
+
+def tokenizer(max_instances=6):
+    return Pix2SeqTokenizer(class_ids=range(4), num_bins=64, max_instances=max_instances, eos_mode=True)
+
+
+def test_stream_skips_a_bad_record_and_continues(tmp_path):
+    images = {i: (32, 32) for i in range(1, 5)}
+    annotations = [{"image_id": i, "category_id": 1, "bbox": [2, 2, 10, 10]} for i in images]
+    folder, path = write_coco(tmp_path, images, annotations)
+    (folder / "3.png").write_bytes(b"garbage")
+    reader = ImageReader()
+    transform = TrainTransform(Pix2SeqImageProcessor(image_size=32), tokenizer().build_training_sequence, TrainAugmentation(32), reader)
+    examples = list(train_stream(coco_split(folder, path, train=True), transform, batch_size=2))
+    assert len(examples) == 3
+    assert reader.num_skipped == 1
+    batch = collate_train(examples)
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    assert batch["pixel_values"].is_contiguous(memory_format=torch.channels_last)
+    assert batch["labels"].shape == (3, tokenizer().sequence_length)
+
+
+def test_flip_moves_boxes_with_the_pixels():
+    image = torch.zeros(3, 32, 32)
+    image[:, 4:12, 2:10] = 1.0  # a white block at x 2..10, y 4..12
+    augmentation = TrainAugmentation(32, min_scale=1.0, max_scale=1.0, flip_probability=1.0)
+    canvas, boxes, labels = augmentation(image, torch.tensor([[2.0, 4.0, 10.0, 12.0]]), torch.tensor([3]))
+    assert boxes.tolist() == [[22.0, 4.0, 30.0, 12.0]]
+    assert labels.tolist() == [3]
+    assert canvas[0, 4:12, 22:30].min() == 1.0 and canvas[0].sum() == 64
+
+
+def test_scale_jitter_and_crop_keep_boxes_on_the_canvas():
+    torch.manual_seed(1)
+    augmentation = TrainAugmentation(64)
+    image = torch.rand(3, 48, 80)
+    boxes = torch.tensor([[0.0, 0.0, 80.0, 48.0], [10.0, 10.0, 30.0, 40.0], [60.0, 5.0, 79.0, 20.0]])
+    for _ in range(20):
+        canvas, out, labels = augmentation(image, boxes, torch.tensor([0, 1, 2]))
+        assert canvas.shape == (3, 64, 64)
+        assert len(out) == len(labels) <= 3
+        assert (out >= 0).all() and (out <= 64).all()
+        assert (out[:, 2:] > out[:, :2]).all()
+
+
+def test_more_objects_than_max_instances_keeps_a_random_subset():
+    boxes = torch.tensor([[i / 10, 0.1, i / 10 + 0.05, 0.2] for i in range(8)])
+    kept = set()
+    for seed in range(10):
+        sequence = tokenizer(max_instances=3).build_training_sequence(boxes, torch.zeros(8), torch.Generator().manual_seed(seed))
+        x_min_tokens = sequence["labels"][1:15:5]
+        kept |= set(x_min_tokens.tolist())
+    assert len(kept) > 3
+
+
+def test_synthetic_images_are_deterministic_and_held_out_ones_never_trained_on():
+    image, boxes, labels = draw_example(7)
+    again, boxes_again, _ = draw_example(7)
+    assert np.array_equal(np.asarray(image), np.asarray(again)) and boxes == boxes_again
+    assert all(0 <= x and 0 <= y and x + w <= 96 and y + h <= 96 for x, y, w, h in boxes)
+    evaluation = synthetic_split(False, 5)
+    assert min(evaluation.dataset["image_id"]) >= EVAL_INDEX_OFFSET
+    assert len(evaluation.references) == 5 and evaluation.references[0]["labels"] == evaluation.dataset[0]["objects"]["category"]
+    train = synthetic_split(True, 12, world_size=2)
+    assert sorted(row["image_id"] for row in train.dataset) == list(range(12))
+
+
+def hub_stand_in(tmp_path, boxes, fmt_name="cppe"):
+    """A local parquet data set with the `cppe-5` schema (what `--dataset_name` reads from the Hub)."""
+    features = datasets.Features({
+        "image_id": datasets.Value("int64"),
+        "image": datasets.Image(),
+        "width": datasets.Value("int32"),
+        "height": datasets.Value("int32"),
+        "objects": {"bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
+                    "category": datasets.List(datasets.ClassLabel(names=["Coverall", "Mask"]))},
+    })
+    rows = [{"image_id": i, "image": PIL.Image.new("RGB", (40, 30)), "width": 40, "height": 30,
+             "objects": {"bbox": b, "category": [i % 2] * len(b)}} for i, b in enumerate(boxes)]
+    folder = tmp_path / fmt_name
+    (folder / "data").mkdir(parents=True)
+    for split in ("train", "validation"):
+        datasets.Dataset.from_list(rows, features=features).to_parquet(str(folder / "data" / f"{split}-00000.parquet"))
+    return str(folder)
+
+
+def test_hub_schema_adapter_reads_xywh_and_keeps_class_names(tmp_path):
+    folder = hub_stand_in(tmp_path, [[[5, 5, 30, 20]], [[0, 0, 10, 10], [20, 2, 19, 27]], []])
+    train = hub_split(folder, "train", train=True, streaming=True)
+    rows = list(train.dataset)
+    assert train.label_map.names == ["Coverall", "Mask"]
+    assert [row["image_id"] for row in rows] == [0, 1]  # the image without objects is not trained on
+    assert rows[1]["objects"]["bbox"] == [[0, 0, 10, 10], [20, 2, 19, 27]]
+    evaluation = hub_split(folder, "validation", train=False, streaming=False)
+    assert [r["image_id"] for r in evaluation.references] == [0, 1, 2]
+
+
+def test_hub_adapter_detects_xyxy_boxes_and_converts_them(tmp_path):
+    folder = hub_stand_in(tmp_path, [[[5, 5, 35, 25]], [[30, 2, 39, 29]]], "xyxy")
+    train = hub_split(folder, "train", train=True, streaming=False)
+    assert list(train.dataset)[0]["objects"]["bbox"] == [[5, 5, 30, 20]]
+    with pytest.raises(ValueError, match="bbox_format='xywh'"):
+        hub_split(folder, "train", train=True, bbox_format="xywh")
+
+
+def test_bbox_format_that_fits_both_readings_defaults_to_coco_xywh():
+    rows = [{"width": 100, "height": 100, "objects": {"bbox": [[10, 10, 20, 20]]}}]
+    assert infer_bbox_format(rows) == "xywh"
