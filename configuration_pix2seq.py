@@ -1,9 +1,32 @@
 """Pix2Seq model configuration."""
 
+import timm
+import torch
 from transformers import PretrainedConfig
 
 
 CLASS_LABEL_CORRUPTIONS = ("none", "rand_cls", "real_n_fake_cls", "rand_n_fake_cls", "real_n_rand_n_fake_cls")
+_BACKBONE_STRIDES = {}
+
+
+def backbone_stride(backbone, num_channels=3, backbone_kwargs=None):
+    """
+    Stride of the last feature map of a timm backbone, read from a copy built on the meta device (no weights are
+    allocated, about 0.1 s, cached). `None` when the model cannot be built there; the model checks it again then.
+    """
+    backbone_kwargs = backbone_kwargs or {}
+    key = (backbone, num_channels, repr(sorted(backbone_kwargs.items())))
+    if key not in _BACKBONE_STRIDES:
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(
+                    backbone, pretrained=False, features_only=True, in_chans=num_channels, **backbone_kwargs
+                )
+            _BACKBONE_STRIDES[key] = model.feature_info.reduction()[-1]
+        # Raised by models whose construction reads tensor values, which meta tensors do not have.
+        except (RuntimeError, NotImplementedError):
+            _BACKBONE_STRIDES[key] = None
+    return _BACKBONE_STRIDES[key]
 
 
 class Pix2SeqConfig(PretrainedConfig):
@@ -187,7 +210,25 @@ class Pix2SeqConfig(PretrainedConfig):
         """Decoder tokens per training example (the task token plus one token per generated step)."""
         return 5 * self.max_instances + int(self.eos_mode)
 
+    def validate(self):
+        """Runs on `save_pretrained`, so that settings changed after construction are checked too."""
+        super().validate()
+        self._validate_pix2seq()
+
     def _validate_pix2seq(self):
+        if not timm.is_model(self.backbone):
+            raise ValueError(
+                f"Unknown timm backbone {self.backbone!r}; close names: {timm.list_models(f'*{self.backbone}*')[:5]}, "
+                "all names: `timm.list_models()`."
+            )
+        if not (isinstance(self.image_size, int) and self.image_size > 0):
+            raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}.")
+        stride = backbone_stride(self.backbone, self.num_channels, self.backbone_kwargs)
+        if stride and self.image_size % stride:
+            raise ValueError(
+                f"image_size={self.image_size} is not divisible by the stride {stride} of backbone {self.backbone!r}: "
+                f"use a multiple of {stride}, e.g. {self.image_size // stride * stride or stride}."
+            )
         if self.class_label_corruption not in CLASS_LABEL_CORRUPTIONS:
             raise ValueError(
                 f"class_label_corruption={self.class_label_corruption!r} is not one of {CLASS_LABEL_CORRUPTIONS}."

@@ -180,6 +180,13 @@ class Pix2SeqPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Pix2SeqEncoderLayer", "Pix2SeqDecoderLayer", "Pix2SeqBackbone"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
 
+    @classmethod
+    def from_pretrained(cls, *args, use_safetensors=None, **kwargs):
+        # Weights load only from safetensors: transformers otherwise falls back to unpickling `pytorch_model.bin`.
+        if use_safetensors is False:
+            raise ValueError("Pix2Seq loads weights only from safetensors; `use_safetensors=False` is not supported.")
+        return super().from_pretrained(*args, use_safetensors=True, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         std = self.config.init_std
