@@ -51,7 +51,7 @@ class NonFiniteLossCallback(TrainerCallback):
     def record_loss(self, module, inputs, outputs):
         loss = getattr(outputs, "loss", None)
         if module.training and loss is not None:
-            self.losses.append(loss.detach().float().reshape(()))
+            self.losses.append(loss.detach().float().flatten())
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.losses = []
@@ -61,7 +61,7 @@ class NonFiniteLossCallback(TrainerCallback):
         losses, self.losses = self.losses, []
         if not losses:
             return
-        losses = torch.stack(losses)
+        losses = torch.cat(losses)
         if torch.isfinite(losses).all():
             return
         self.remove_hook()
