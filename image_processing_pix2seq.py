@@ -59,11 +59,12 @@ def to_rgb_tensor(image):
         tensor = _pil_to_tensor(image)
     else:
         tensor = torch.as_tensor(image)
-        tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor
         # numpy images are (H, W, C) by convention and tensors (C, H, W); the other layout only when it is the one
         # that fits.
         prefers_last = not isinstance(image, torch.Tensor)
-        if tensor.ndim == 3 and tensor.shape[-1] in (1, 3, 4) and (prefers_last or tensor.shape[0] not in (1, 3, 4)):
+        if tensor.ndim == 2:
+            tensor = tensor.unsqueeze(0)
+        elif tensor.ndim == 3 and tensor.shape[-1] in (1, 3, 4) and (prefers_last or tensor.shape[0] not in (1, 3, 4)):
             tensor = tensor.permute(2, 0, 1)
     if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
         raise ValueError(f"Expected an image with 1, 3 or 4 channels, got shape {tuple(tensor.shape)}.")

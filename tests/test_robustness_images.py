@@ -110,6 +110,15 @@ def test_one_pixel_high_numpy_array_is_read_channels_last():
     assert pixel(tensor, 0, 3999) == RED
 
 
+@pytest.mark.parametrize("layout", ["numpy", "tensor"])
+def test_two_dimensional_arrays_are_grayscale_whatever_their_width(layout):
+    array = np.zeros((5, 3), dtype=np.uint8)  # a width of 3 must not be read as 3 channels
+    array[0, 2] = 255
+    tensor = to_rgb_tensor(array if layout == "numpy" else torch.from_numpy(array))
+    assert tensor.shape == (3, 5, 3)
+    assert pixel(tensor, 0, 2) == WHITE
+
+
 def test_image_with_an_empty_side_is_rejected():
     with pytest.raises(InvalidImageError, match="empty side"):
         to_rgb_tensor(PIL.Image.new("RGB", (0, 5)))
