@@ -519,6 +519,8 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
             and (generation_config.num_return_sequences or 1) == 1
             and not generation_config.top_k
             and not generation_config.min_new_tokens
+            and not (generation_config.output_scores or generation_config.output_attentions)
+            and not generation_config.output_hidden_states
         )
 
     @torch.no_grad()

@@ -51,13 +51,14 @@ def official_config(image_size, eos_mode=False):
     return Pix2SeqConfig(image_size=image_size, eos_mode=eos_mode, id2label={i: f"class_{i}" for i in range(1, 91)})
 
 
-def best_time(function, repeats):
+def best_time(name, function, repeats):
     """Shortest wall time of `repeats` calls (the least disturbed by other work on the machine) and the last result."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         result = function()
         times.append(time.perf_counter() - start)
+    print(f"  {name}: {min(times):.2f} s", file=sys.stderr, flush=True)
     return min(times), result
 
 
@@ -75,7 +76,7 @@ def seed_style_generate(model, pixel_values, num_tokens):
 def bench_decoding(model, image_size, num_tokens, repeats):
     pixel_values = torch.rand(1, 3, image_size, image_size)
     with torch.no_grad():
-        encoder_seconds, _ = best_time(lambda: model.get_encoder()(pixel_values), repeats)
+        encoder_seconds, _ = best_time("encoder", lambda: model.get_encoder()(pixel_values), repeats)
     greedy = {"do_sample": False, "max_new_tokens": num_tokens}
     methods = {
         "generate, static cache (Pix2Seq loop)": (lambda: model.generate(pixel_values, cache_implementation="static", **greedy), repeats),
@@ -85,7 +86,7 @@ def bench_decoding(model, image_size, num_tokens, repeats):
     }
     rows, reference = [], None
     for name, (function, method_repeats) in methods.items():
-        seconds, tokens = best_time(function, method_repeats)
+        seconds, tokens = best_time(name, function, method_repeats)
         reference = tokens if reference is None else reference
         rows.append({
             "method": name,
@@ -146,7 +147,7 @@ def bench_end_to_end(image_size, num_images, repeats):
     }
     rows = []
     for name, function in methods.items():
-        seconds, (_, tokens) = best_time(function, repeats)
+        seconds, (_, tokens) = best_time(name, function, repeats)
         rows.append({
             "method": name,
             "images": len(images),
