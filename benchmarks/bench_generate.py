@@ -174,7 +174,9 @@ def main():
     parser.add_argument("--tokens", type=int, default=500, help="new tokens per image in the decoding comparison")
     parser.add_argument("--images", type=int, default=4, help="BCCD images in the end-to-end comparison (one batch)")
     parser.add_argument("--repeats", type=int, default=2, help="calls per fast method; the best time is kept")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    # One thread by default: on a CPU shared with other work, intra-op threads that wait for each other slow every
+    # method several-fold (measured here: 5x on 2 busy cores) and make the comparison noise.
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--output", default="benchmarks/bench_generate_cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -222,7 +222,7 @@ def main():
     eos.load_state_dict(fixed.state_dict())
     eos = eos.to(device, dtype).eval().to(memory_format=torch.channels_last)
     processor = Pix2SeqImageProcessor(image_size=config["image_size"])
-    detr_config = DetrConfig(use_pretrained_backbone=False, **config["detr"])
+    detr_config = DetrConfig(use_pretrained_backbone=False, num_labels=91, **config["detr"])
     detr = DetrForObjectDetection(detr_config).to(device, dtype).eval().to(memory_format=torch.channels_last)
     detr_processor = DetrImageProcessor(size={"shortest_edge": config["image_size"], "longest_edge": config["image_size"]})
 
