@@ -36,8 +36,9 @@ def common_flags(args, output_dir):
         "--bf16", str(args.bf16), "--per_device_train_batch_size", str(args.batch_size), "--save_strategy", "no",
         "--per_device_eval_batch_size", str(args.batch_size), "--logging_steps", "10", "--disable_tqdm", "true",
         "--dataloader_num_workers", str(args.workers), "--report_to", "none",
-        # Far more steps than the budget allows: the rate stays near its peak, as a fixed-time run wants.
-        "--max_steps", "100000",
+        # Far more steps than the budget allows, and a short warmup: the rate stays near its peak for the whole
+        # budget, as a fixed-time run wants.
+        "--max_steps", "100000", "--warmup_steps", "20",
     ]
 
 
