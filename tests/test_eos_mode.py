@@ -5,6 +5,7 @@ import torch
 
 from conftest import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection
+from test_generation import cpu_compile_config
 
 PATHS = [{}, {"cache_implementation": "static"}]
 
@@ -72,3 +73,16 @@ def test_eos_mode_trains_on_sequences_one_token_longer():
     output = model(pixel_values=torch.rand(1, 3, 64, 64), **batch)
     assert output.logits.shape[1] == model.config.sequence_length
     assert torch.isfinite(output.loss)
+
+
+def test_compiled_static_sampling_in_eos_mode_ends_like_eager_sampling_with_the_same_seed():
+    # Sequences end inside compiled steps (EOS after 1, 2 or 4 objects here), where the finished flags are updated in
+    # place: the compiled graph must stop the batch exactly where eager decoding does.
+    model = model_with_eos_bias(eos_mode=True, eos_bias=math.log(tiny_config().num_bins), max_instances=12)
+    pixel_values = torch.rand(8, 3, 64, 64)
+    torch.manual_seed(1)
+    eager = model.generate(pixel_values, top_p=1.0, cache_implementation="static")
+    torch.manual_seed(1)
+    compiled = model.generate(pixel_values, top_p=1.0, cache_implementation="static", compile_config=cpu_compile_config("aot_eager"))
+    assert (eager[:, 6:] == model.config.pad_token_id).any(), "some sequence must end inside a compiled step"
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
