@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import CompileConfig
+from transformers import CompileConfig, LogitsProcessor
 
 from conftest import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection, Pix2SeqGrammarLogitsProcessor
@@ -67,10 +67,23 @@ def test_static_sampling_follows_the_grammar_and_varies(model, pixel_values):
     assert not torch.equal(samples[0], samples[1])
 
 
-def test_static_path_is_left_to_generation_mixin_for_other_decoding_settings(model, pixel_values):
-    # Beam search is not what the static loop implements: `generate` must still honour it.
-    beams = model.generate(pixel_values, do_sample=False, num_beams=2, cache_implementation="static")
-    assert beams.shape == (3, 1 + model.config.sequence_length)
+class CountingProcessor(LogitsProcessor):
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        return scores
+
+
+def test_static_cache_with_settings_the_static_loop_lacks_goes_through_generation_mixin(model, pixel_values):
+    processor = CountingProcessor()
+    model.generate(pixel_values, do_sample=False, cache_implementation="static", logits_processor=[processor])
+    assert processor.calls == model.config.sequence_length
+    scored = model.generate(
+        pixel_values, do_sample=False, cache_implementation="static", return_dict_in_generate=True, output_scores=True
+    )
+    assert len(scored.scores) == model.config.sequence_length
 
 
 def test_grammar_processor_keeps_its_mask_on_the_scores_device_and_masks_the_class_step(model):
