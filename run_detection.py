@@ -112,6 +112,10 @@ class DataTrainingArguments:
     )
     synthetic_eval_images: int = field(default=200, metadata={"help": "Held-out synthetic images for evaluation."})
     synthetic_image_size: int = field(default=96, metadata={"help": "Side of the synthetic images, in pixels."})
+    min_scale: float | None = field(
+        default=None, metadata={"help": "Scale jitter range, as a fraction of the canvas: 0.3 (official), 1.0 for the demo."}
+    )
+    max_scale: float | None = field(default=None, metadata={"help": "Upper end of the scale jitter: 2.0 (official), 1.0 for the demo."})
     fail_on_bad_records: bool = field(
         default=False, metadata={"help": "Stop at the first unreadable image instead of skipping it with a warning."}
     )
@@ -352,6 +356,11 @@ def main(argv=None):
         training_args.accelerator_config.dispatch_batches = False
     if data_args.uses_synthetic_data and training_args.max_train_minutes is None:
         training_args.max_train_minutes = 10.0
+    # Every synthetic image is new, so the demo needs no scale jitter; and crops that cut away every object teach
+    # a short run to end its sequences at once (greedy decoding then writes no box at all).
+    default_scales = (1.0, 1.0) if data_args.uses_synthetic_data else (0.3, 2.0)
+    min_scale = default_scales[0] if data_args.min_scale is None else data_args.min_scale
+    max_scale = default_scales[1] if data_args.max_scale is None else data_args.max_scale
     set_seed(training_args.seed)
 
     train_split, eval_split = build_splits(data_args, training_args)
@@ -364,7 +373,7 @@ def main(argv=None):
 
     train_dataset = None
     if train_split is not None:
-        augmentation = TrainAugmentation(model.config.image_size, pad_value=image_processor.pad_value)
+        augmentation = TrainAugmentation(model.config.image_size, min_scale, max_scale, pad_value=image_processor.pad_value)
         # More objects than `max_instances`: the tokenizer shuffles them and keeps the first ones (a random subset).
         transform = TrainTransform(image_processor, model.tokenizer.build_training_sequence, augmentation, reader)
         train_dataset = train_stream(train_split, transform, seed=training_args.seed,
