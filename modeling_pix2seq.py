@@ -345,13 +345,29 @@ def _cache_field():
     return "cache" if "cache" in Seq2SeqModelOutput.__dataclass_fields__ else "past_key_values"
 
 
+def choose_stop_or_object(scores, eos_token_id, coordinate_tokens):
+    """
+    For greedy decoding where both EOS and a new object are allowed (object starts in EOS mode), decides between them
+    by their whole mass: one EOS token against a first coordinate spread over `num_bins` tokens. Token by token, EOS
+    would win while the model is still sure that another object follows but unsure where. Stops where EOS is more
+    likely than all coordinate tokens together, and otherwise rules EOS out.
+    """
+    eos = scores[:, eos_token_id]
+    coordinates = scores[:, coordinate_tokens]
+    both_allowed = torch.isfinite(eos) & torch.isfinite(coordinates).any(dim=-1)
+    stop = both_allowed & (eos > coordinates.logsumexp(dim=-1))
+    is_eos = torch.arange(scores.shape[-1], device=scores.device) == eos_token_id
+    blocked = (stop.unsqueeze(-1) & ~is_eos) | ((both_allowed & ~stop).unsqueeze(-1) & is_eos)
+    return scores.masked_fill(blocked, -float("inf"))
+
+
 class Pix2SeqGrammarLogitsProcessor(LogitsProcessor):
     """
     Restricts generation to the Pix2Seq grammar: 4 coordinate tokens, then 1 real class token, per object. In EOS
     mode an object may instead start with EOS, after which only padding follows.
     """
 
-    def __init__(self, tokenizer, vocab_size, prompt_length=1, allow_eos=False):
+    def __init__(self, tokenizer, vocab_size, prompt_length=1, allow_eos=False, greedy=False):
         coordinate = torch.zeros(vocab_size, dtype=torch.bool)
         coordinate[tokenizer.coord_token_offset : tokenizer.coord_token_offset + tokenizer.num_bins] = True
         object_start = coordinate.clone()
@@ -360,13 +376,21 @@ class Pix2SeqGrammarLogitsProcessor(LogitsProcessor):
         class_tokens[tokenizer.class_token_ids] = True
         self.blocked = ~torch.stack([object_start, coordinate, coordinate, coordinate, class_tokens])  # (5, V)
         self.prompt_length = prompt_length
+        # Sampling draws EOS with its own probability and a box with the coordinates' total: only greedy decoding
+        # needs the stop decision taken on masses (see `choose_stop_or_object`).
+        self.weigh_stop = allow_eos and greedy
+        self.eos_token_id = tokenizer.pad_token_id
+        self.coordinate_tokens = slice(tokenizer.coord_token_offset, tokenizer.coord_token_offset + tokenizer.num_bins)
 
     def __call__(self, input_ids, scores):
         # Moved once, not every step: a host-to-device copy per token would cost more than the masking itself.
         if self.blocked.device != scores.device:
             self.blocked = self.blocked.to(scores.device)
         step = input_ids.shape[1] - self.prompt_length
-        return scores.masked_fill(self.blocked[step % 5], -float("inf"))
+        scores = scores.masked_fill(self.blocked[step % 5], -float("inf"))
+        if self.weigh_stop and step % 5 == 0:
+            scores = choose_stop_or_object(scores, self.eos_token_id, self.coordinate_tokens)
+        return scores
 
 
 class Pix2SeqTopPLogitsWarper(LogitsProcessor):
@@ -500,7 +524,11 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
             return self._generate_static(pixel_values, generation_config, use_grammar)
         processors = LogitsProcessorList()
         if use_grammar:
-            processors.append(Pix2SeqGrammarLogitsProcessor(self.tokenizer, self.config.vocab_size, allow_eos=self.config.eos_mode))
+            processors.append(
+                Pix2SeqGrammarLogitsProcessor(
+                    self.tokenizer, self.config.vocab_size, allow_eos=self.config.eos_mode, greedy=not generation_config.do_sample
+                )
+            )
         top_p = generation_config.top_p
         if generation_config.do_sample and top_p is not None and top_p < 1.0:
             processors.append(Pix2SeqTopPLogitsWarper(top_p, generation_config.temperature or 1.0))
@@ -612,6 +640,9 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         """One token for every sequence: `(B, 1)` ids -> `(B,)` next ids and their `(B, V)` raw logits."""
         logits = self.lm_head(self.model.decoder(input_ids, encoder_hidden_states, cache)[:, -1]).float()
         scores = logits.masked_fill(blocked, -float("inf"))
+        if self.config.eos_mode and not do_sample:
+            coordinate_tokens = slice(self.config.coord_token_offset, self.config.coord_token_offset + self.config.num_bins)
+            scores = choose_stop_or_object(scores, self.config.pad_token_id, coordinate_tokens)
         if do_sample:
             scores = Pix2SeqTopPLogitsWarper(top_p, temperature)(input_ids, scores) if top_p < 1.0 else scores / temperature
             # Exponential race: a categorical sample that CUDA graphs can capture, unlike `torch.multinomial`.

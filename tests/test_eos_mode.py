@@ -86,3 +86,35 @@ def test_compiled_static_sampling_in_eos_mode_ends_like_eager_sampling_with_the_
     compiled = model.generate(pixel_values, top_p=1.0, cache_implementation="static", compile_config=cpu_compile_config("aot_eager"))
     assert (eager[:, 6:] == model.config.pad_token_id).any(), "some sequence must end inside a compiled step"
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+def test_object_start_weighs_eos_against_the_whole_coordinate_mass():
+    from modeling_pix2seq import choose_stop_or_object
+
+    coordinates = slice(1000, 1064)
+    scores = torch.full((3, 3000), -float("inf"))
+    scores[:, coordinates] = -1.0  # 64 equally likely bins: log-mass -1 + log(64), about 3.16
+    scores[:, 0] = torch.tensor([2.0, 5.0, 2.0])  # EOS: the single likeliest token in every row
+    scores[2, coordinates] = -float("inf")  # a row where only EOS is allowed stays as it is
+    chosen = choose_stop_or_object(scores, eos_token_id=0, coordinate_tokens=coordinates)
+    assert chosen[0, 0] == -float("inf") and torch.all(chosen[0, coordinates] == -1.0), "more mass on a box: write it"
+    assert chosen[1, 0] == 5.0 and torch.isinf(chosen[1, 1:]).all(), "more mass on EOS: stop"
+    assert torch.equal(chosen[2], scores[2])
+    # Steps where EOS is not allowed are left alone.
+    inner = scores.clone()
+    inner[:, 0] = -float("inf")
+    assert torch.equal(choose_stop_or_object(inner, 0, coordinates), inner)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=["generation_mixin", "static"])
+def test_greedy_eos_mode_writes_boxes_while_eos_is_likeliest_alone_but_not_against_all_coordinates(path):
+    # Coordinate logits are near zero: a bias of log(num_bins) - 1 makes EOS the single likeliest token at every object
+    # start, yet about e times less likely than starting a box. Greedy decoding must keep writing boxes.
+    model = model_with_eos_bias(eos_mode=True, eos_bias=math.log(tiny_config().num_bins) - 1.0)
+    pixel_values = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        first_logits = model(pixel_values=pixel_values, decoder_input_ids=torch.full((2, 1), 10)).logits[:, -1]
+    assert (first_logits.argmax(dim=-1) == model.config.pad_token_id).all()
+    sequences = model.generate(pixel_values, do_sample=False, **path)
+    assert sequences.shape == (2, 1 + model.config.sequence_length)
+    assert (sequences[:, 1 : 1 + 5 * model.config.max_instances] != model.config.pad_token_id).all()
