@@ -369,7 +369,7 @@ class Pix2SeqGrammarLogitsProcessor(LogitsProcessor):
 
     def __init__(self, tokenizer, vocab_size, prompt_length=1, allow_eos=False, greedy=False):
         coordinate = torch.zeros(vocab_size, dtype=torch.bool)
-        coordinate[tokenizer.coord_token_offset : tokenizer.coord_token_offset + tokenizer.num_bins] = True
+        coordinate[tokenizer.coordinate_tokens] = True
         object_start = coordinate.clone()
         object_start[tokenizer.pad_token_id] = allow_eos
         class_tokens = torch.zeros(vocab_size, dtype=torch.bool)
@@ -380,7 +380,7 @@ class Pix2SeqGrammarLogitsProcessor(LogitsProcessor):
         # needs the stop decision taken on masses (see `choose_stop_or_object`).
         self.weigh_stop = allow_eos and greedy
         self.eos_token_id = tokenizer.pad_token_id
-        self.coordinate_tokens = slice(tokenizer.coord_token_offset, tokenizer.coord_token_offset + tokenizer.num_bins)
+        self.coordinate_tokens = tokenizer.coordinate_tokens
 
     def __call__(self, input_ids, scores):
         # Moved once, not every step: a host-to-device copy per token would cost more than the masking itself.
@@ -641,8 +641,7 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         logits = self.lm_head(self.model.decoder(input_ids, encoder_hidden_states, cache)[:, -1]).float()
         scores = logits.masked_fill(blocked, -float("inf"))
         if self.config.eos_mode and not do_sample:
-            coordinate_tokens = slice(self.config.coord_token_offset, self.config.coord_token_offset + self.config.num_bins)
-            scores = choose_stop_or_object(scores, self.config.pad_token_id, coordinate_tokens)
+            scores = choose_stop_or_object(scores, self.config.pad_token_id, self.tokenizer.coordinate_tokens)
         if do_sample:
             scores = Pix2SeqTopPLogitsWarper(top_p, temperature)(input_ids, scores) if top_p < 1.0 else scores / temperature
             # Exponential race: a categorical sample that CUDA graphs can capture, unlike `torch.multinomial`.

@@ -77,6 +77,11 @@ class Pix2SeqTokenizer:
         return self.class_ids + self.class_token_offset
 
     @property
+    def coordinate_tokens(self):
+        """The token ids of the coordinate bins, as a slice of the vocabulary."""
+        return slice(self.coord_token_offset, self.coord_token_offset + self.num_bins)
+
+    @property
     def sequence_length(self):
         return 5 * self.max_instances + int(self.eos_mode)
 
