@@ -75,6 +75,11 @@ class Pix2SeqConfig(PretrainedConfig):
             Epsilon of every LayerNorm.
         init_std (`float`, *optional*, defaults to 0.02):
             Standard deviation of the (truncated) normal initialisation of linear and embedding weights.
+        coordinate_embedding_init (`str`, *optional*, defaults to `"normal"`):
+            Initialisation of the coordinate token embeddings (tied to the output layer): `"normal"` (official), or
+            `"sincos"`, sin-cos features of each bin's position on the canvas at the same scale, so that neighbouring
+            bins start out alike. A new model trained from scratch learns where boxes are much sooner with
+            `"sincos"`; it changes nothing once weights are loaded.
         max_instances (`int`, *optional*, defaults to 100):
             Objects per image: training sequences are filled to this many objects and generation writes
             `5 * max_instances` tokens.
@@ -140,6 +145,7 @@ class Pix2SeqConfig(PretrainedConfig):
         drop_path_rate=0.1,
         layer_norm_eps=1e-6,
         init_std=0.02,
+        coordinate_embedding_init="normal",
         max_instances=100,
         num_bins=1000,
         max_position_embeddings=512,
@@ -176,6 +182,7 @@ class Pix2SeqConfig(PretrainedConfig):
         self.drop_path_rate = drop_path_rate
         self.layer_norm_eps = layer_norm_eps
         self.init_std = init_std
+        self.coordinate_embedding_init = coordinate_embedding_init
         self.max_instances = max_instances
         self.num_bins = num_bins
         self.max_position_embeddings = max_position_embeddings
@@ -232,6 +239,10 @@ class Pix2SeqConfig(PretrainedConfig):
         if self.class_label_corruption not in CLASS_LABEL_CORRUPTIONS:
             raise ValueError(
                 f"class_label_corruption={self.class_label_corruption!r} is not one of {CLASS_LABEL_CORRUPTIONS}."
+            )
+        if self.coordinate_embedding_init not in ("normal", "sincos"):
+            raise ValueError(
+                f"coordinate_embedding_init={self.coordinate_embedding_init!r} is not one of ('normal', 'sincos')."
             )
         if self.num_bins < 2:
             raise ValueError(f"num_bins must be at least 2, got {self.num_bins}.")

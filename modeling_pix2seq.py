@@ -69,6 +69,18 @@ def sincos_2d_position_embedding(height, width, dim, device, dtype):
     return nn.functional.pad(embedding.reshape(height * width, -1), (0, dim - 4 * quarter)).to(dtype)
 
 
+def sincos_coordinate_embedding(num_bins, dim, std):
+    """
+    `(num_bins, dim)` sin-cos features of each bin's place on the canvas, at frequencies from 1 to `num_bins / 4`
+    cycles per canvas, scaled to a standard deviation of `std`: neighbouring bins get similar embeddings.
+    """
+    half = dim // 2
+    cycles = (num_bins / 4) ** (torch.arange(half, dtype=torch.float64) / max(half - 1, 1))
+    angles = torch.linspace(0, 1, num_bins, dtype=torch.float64)[:, None] * cycles[None] * 2 * math.pi
+    embedding = torch.cat([angles.sin(), angles.cos()], dim=-1) * std * math.sqrt(2)
+    return nn.functional.pad(embedding, (0, dim - 2 * half)).float()
+
+
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
@@ -196,6 +208,11 @@ class Pix2SeqPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.trunc_normal_(module.weight, std=std)
+            loaded = getattr(module.weight, "_is_hf_initialized", False)
+            if self.config.coordinate_embedding_init == "sincos" and module is self.get_input_embeddings() and not loaded:
+                start = self.config.coord_token_offset
+                rows = sincos_coordinate_embedding(self.config.num_bins, self.config.d_model, std)
+                init.copy_(module.weight[start : start + self.config.num_bins], rows)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)

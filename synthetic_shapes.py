@@ -37,9 +37,8 @@ def _colour(rng):
     return tuple(rng.randint(0, 255) for _ in range(3))
 
 
-def _draw_shape(draw, rng, label, box):
+def _draw_shape(draw, rng, label, box, colour):
     x0, y0, x1, y1 = box
-    colour = _colour(rng)
     if label == 0:
         draw.ellipse(box, fill=colour)
     elif label == 1:
@@ -51,18 +50,35 @@ def _draw_shape(draw, rng, label, box):
         draw.ellipse(box, outline=colour, width=max(2, round((x1 - x0) / 6)))
 
 
-def _iou(a, b):
+def _covered_fraction(a, b):
+    """The fraction of the smaller of boxes `a` and `b` that their intersection covers."""
     inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = inter_w * inter_h
     area = lambda box: (box[2] - box[0]) * (box[3] - box[1])
-    return inter / (area(a) + area(b) - inter)
+    return inter_w * inter_h / min(area(a), area(b))
 
 
-def draw_example(index, image_size=96, max_objects=MAX_OBJECTS, min_size=10, max_overlap=0.3):
+def _contrasting_colour(rng, pixels, box, min_distance=100.0):
+    """A colour at least `min_distance` (RGB Euclidean) from the mean background under `box`, so that every annotated
+    shape can be seen; the most distant of 20 draws if none is that far."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    under = pixels[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)].reshape(-1, 3).mean(axis=0)
+    best, best_distance = None, -1.0
+    for _ in range(20):
+        colour = _colour(rng)
+        distance = float(np.linalg.norm(np.asarray(colour, dtype=np.float32) - under))
+        if distance >= min_distance:
+            return colour
+        if distance > best_distance:
+            best, best_distance = colour, distance
+    return best
+
+
+def draw_example(index, image_size=96, max_objects=MAX_OBJECTS, min_size=10, max_covered=0.3):
     """
-    The image of `index`: 1 to `max_objects` shapes of side `min_size` to half the image, which may overlap (IoU up to
-    `max_overlap`, later shapes on top), over a cluttered background.
+    The image of `index`: 1 to `max_objects` shapes of side `min_size` to half the image, which may overlap (later
+    shapes on top, covering at most `max_covered` of the smaller box of any pair, so no annotated shape is hidden),
+    each in a colour that stands out from what lies under it, over a cluttered background.
 
     Returns `(image, boxes, labels)`: a PIL RGB image, COCO `[x, y, w, h]` boxes and class indices into
     `SHAPE_CLASSES`.
@@ -77,12 +93,13 @@ def draw_example(index, image_size=96, max_objects=MAX_OBJECTS, min_size=10, max
             width, height = side * rng.uniform(0.75, 1.25), side * rng.uniform(0.75, 1.25)
             x0, y0 = rng.uniform(0, image_size - width), rng.uniform(0, image_size - height)
             box = (x0, y0, x0 + width, y0 + height)
-            if all(_iou(box, other) <= max_overlap for other in boxes):
+            if all(_covered_fraction(box, other) <= max_covered for other in boxes):
                 break
         else:
             continue
         label = rng.randrange(len(SHAPE_CLASSES))
-        _draw_shape(draw, rng, label, box)
+        colour = _contrasting_colour(rng, np.asarray(image, dtype=np.float32), box)
+        _draw_shape(draw, rng, label, box, colour)
         boxes.append(box)
         labels.append(label)
     return image, [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in boxes], labels

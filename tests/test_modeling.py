@@ -64,6 +64,33 @@ def test_save_and_load_give_identical_outputs_and_keep_the_tie(config, tmp_path)
     assert loaded.generation_config.max_new_tokens == 5 * config.max_instances
 
 
+def test_sincos_coordinate_embeddings_start_smooth_and_survive_loading(tmp_path):
+    config = tiny_config(coordinate_embedding_init="sincos")
+    model = Pix2SeqForObjectDetection(config)
+    weight = model.model.decoder.embed_tokens.weight.detach()
+    coordinates = weight[config.coord_token_offset : config.coord_token_offset + config.num_bins]
+    similarity = torch.nn.functional.cosine_similarity(coordinates[:, None], coordinates[None], dim=-1)
+    # Neighbouring bins start alike, distant ones do not; other tokens keep the normal initialisation.
+    assert similarity.diagonal(1).min() > 0.5 and similarity[0, -1] < 0.3
+    assert abs(coordinates.std().item() - config.init_std) < 0.2 * config.init_std
+    assert weight[: config.coord_token_offset].std().item() == pytest.approx(config.init_std, rel=0.2)
+    normal = Pix2SeqForObjectDetection(tiny_config()).model.decoder.embed_tokens.weight.detach()
+    normal_coordinates = normal[config.coord_token_offset : config.coord_token_offset + config.num_bins]
+    assert torch.nn.functional.cosine_similarity(normal_coordinates[:-1], normal_coordinates[1:]).abs().max() < 0.5
+    # Loaded weights are kept, not initialised again.
+    with torch.no_grad():
+        model.model.decoder.embed_tokens.weight.add_(1.0)
+    model.save_pretrained(tmp_path)
+    loaded = Pix2SeqForObjectDetection.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.model.decoder.embed_tokens.weight, model.model.decoder.embed_tokens.weight)
+    assert loaded.lm_head.weight is loaded.model.decoder.embed_tokens.weight
+
+
+def test_unknown_coordinate_embedding_init_is_refused():
+    with pytest.raises(ValueError, match="coordinate_embedding_init"):
+        tiny_config(coordinate_embedding_init="uniform")
+
+
 def test_base_model_loads_from_a_detection_checkpoint(config, tmp_path):
     model = Pix2SeqForObjectDetection(config).eval()
     model.save_pretrained(tmp_path)
