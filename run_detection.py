@@ -51,13 +51,18 @@ logger = logging.getLogger(__name__)
 
 COCO_MAP_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "coco_map")
 
-# A model small enough to learn the synthetic demo on a 2-core CPU in 10 minutes (a feasibility study measured 0.585
-# mAP@50 with these settings): 96 px, a ResNet-18 cut at stride 16, one encoder and two decoder layers, EOS mode.
+# A model small enough to learn the synthetic demo on a 2-core CPU: 96 px, a ResNet-18 cut at stride 16, one encoder
+# and two decoder layers, EOS mode. What made it learn faster on this CPU (benchmarks/RESULTS.md has the runs): no
+# dropout or stochastic depth on a 10-minute schedule, 48 bins (2 px each), sin-cos initialised coordinate embeddings,
+# and a 248-token vocabulary (classes from 100, coordinates from 200) instead of the official 3000.
 DEFAULT_MODEL = dict(
     backbone="resnet18",
     backbone_kwargs={"out_indices": (3,)},
     image_size=96,
-    num_bins=96,
+    num_bins=48,
+    coord_token_offset=200,
+    vocab_size=248,
+    coordinate_embedding_init="sincos",
     d_model=256,
     encoder_layers=1,
     decoder_layers=2,
@@ -65,6 +70,8 @@ DEFAULT_MODEL = dict(
     decoder_attention_heads=8,
     encoder_ffn_dim=1024,
     decoder_ffn_dim=1024,
+    dropout=0.0,
+    drop_path_rate=0.0,
     eos_mode=True,
 )
 
@@ -81,6 +88,11 @@ class ModelArguments:
     )
     use_pretrained_backbone: bool = field(
         default=False, metadata={"help": "Start a new model from the timm backbone's pretrained weights."}
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "'sdpa' (default) or 'eager'. The CPU demo defaults to 'eager': on its 31-token sequences "
+                          "PyTorch's CPU flash-attention backward costs more than plain matrix products."},
     )
 
 
@@ -159,7 +171,8 @@ class Pix2SeqTrainingArguments(TrainingArguments):
 
 
 class TrainingTimeBudgetCallback(TrainerCallback):
-    """Stops training (and saves) once `max_minutes` of wall-clock time have passed since training began."""
+    """Stops training (and saves) once `max_minutes` of wall-clock training time have passed since training began.
+    Evaluations during training (`--eval_strategy steps`) do not count against the budget."""
 
     def __init__(self, max_minutes, world_size=1):
         self.max_seconds = max_minutes * 60
@@ -170,6 +183,10 @@ class TrainingTimeBudgetCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.monotonic()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.start is not None and metrics:
+            self.start += sum(value for name, value in metrics.items() if name.endswith("_runtime"))
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.check_every:
@@ -368,6 +385,11 @@ def main(argv=None):
     # A new model writes as many objects as the densest training image holds (at most the official 100).
     max_instances = min(100, train_split.max_objects or 100) if train_split else 100
     model = build_model(model_args, label_map, max_instances)
+    attn_implementation = model_args.attn_implementation
+    if attn_implementation is None and data_args.uses_synthetic_data and not torch.cuda.is_available():
+        attn_implementation = "eager"
+    if attn_implementation:
+        model.set_attn_implementation(attn_implementation)
     image_processor = build_image_processor(model_args, model.config)
     reader = ImageReader(data_args.fail_on_bad_records)
 

@@ -13,7 +13,7 @@ from tests.test_detection_data import write_coco
 
 
 TINY_MODEL = (
-    "image_size=64,num_bins=64,d_model=32,encoder_layers=1,decoder_layers=1,encoder_attention_heads=4,"
+    "image_size=64,num_bins=48,d_model=32,encoder_layers=1,decoder_layers=1,encoder_attention_heads=4,"
     "decoder_attention_heads=4,encoder_ffn_dim=64,decoder_ffn_dim=64"
 )
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,6 +82,21 @@ def test_time_budget_stops_training_and_saves_once_spent():
     spent.on_train_begin(None, state, control)
     spent.on_step_end(None, state, control)
     assert control.should_training_stop and control.should_save
+
+
+def test_time_budget_leaves_out_evaluation_time():
+    from transformers import TrainerControl, TrainerState
+
+    state, control = TrainerState(global_step=7), TrainerControl()
+    budget = run_detection.TrainingTimeBudgetCallback(max_minutes=1)
+    budget.on_train_begin(None, state, control)
+    budget.start -= 90  # 90 s have passed, 60 of them evaluating
+    budget.on_evaluate(None, state, control, metrics={"eval_map": 0.5, "eval_runtime": 60.0})
+    budget.on_step_end(None, state, control)
+    assert not control.should_training_stop
+    budget.on_evaluate(None, state, control, metrics={"eval_runtime": -60.0})  # as if no evaluation had happened
+    budget.on_step_end(None, state, control)
+    assert control.should_training_stop
 
 
 def test_resume_continues_the_step_count(tmp_path):
