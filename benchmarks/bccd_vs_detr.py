@@ -51,7 +51,9 @@ def data_flags(args):
 
 def run_pix2seq(args):
     argv = common_flags(args, os.path.join(args.output_dir, "pix2seq")) + data_flags(args) + [
-        "--config_overrides", f"image_size={args.image_size},num_bins={args.image_size}",
+        # One bin per pixel; the demo vocabulary puts coordinates at 200, so it grows with them.
+        "--config_overrides",
+        f"image_size={args.image_size},num_bins={args.image_size},vocab_size={200 + args.image_size}",
         "--learning_rate", "1e-3", "--num_prediction_images", "0",
     ]
     return run_detection.main(argv)
