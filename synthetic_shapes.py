@@ -58,11 +58,11 @@ def _covered_fraction(a, b):
     return inter_w * inter_h / min(area(a), area(b))
 
 
-def _contrasting_colour(rng, pixels, box, min_distance=100.0):
-    """A colour at least `min_distance` (RGB Euclidean) from the mean background under `box`, so that every annotated
-    shape can be seen; the most distant of 20 draws if none is that far."""
+def _contrasting_colour(rng, image, box, min_distance=100.0):
+    """A colour at least `min_distance` (RGB Euclidean) from the mean of what `image` shows under `box`, so that every
+    annotated shape can be seen; the most distant of 20 draws if none is that far."""
     x0, y0, x1, y1 = (int(v) for v in box)
-    under = pixels[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)].reshape(-1, 3).mean(axis=0)
+    under = np.asarray(image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))), dtype=np.float32).reshape(-1, 3).mean(axis=0)
     best, best_distance = None, -1.0
     for _ in range(20):
         colour = _colour(rng)
@@ -98,7 +98,7 @@ def draw_example(index, image_size=96, max_objects=MAX_OBJECTS, min_size=10, max
         else:
             continue
         label = rng.randrange(len(SHAPE_CLASSES))
-        colour = _contrasting_colour(rng, np.asarray(image, dtype=np.float32), box)
+        colour = _contrasting_colour(rng, image, box)
         _draw_shape(draw, rng, label, box, colour)
         boxes.append(box)
         labels.append(label)

@@ -51,9 +51,10 @@ def data_flags(args):
 
 def run_pix2seq(args):
     argv = common_flags(args, os.path.join(args.output_dir, "pix2seq")) + data_flags(args) + [
-        # One bin per pixel; the demo vocabulary puts coordinates at 200, so it grows with them.
+        # One bin per pixel; the demo vocabulary ends with its coordinates, so it grows with them.
         "--config_overrides",
-        f"image_size={args.image_size},num_bins={args.image_size},vocab_size={200 + args.image_size}",
+        f"image_size={args.image_size},num_bins={args.image_size},"
+        f"vocab_size={run_detection.DEFAULT_MODEL['coord_token_offset'] + args.image_size}",
         "--learning_rate", "1e-3", "--num_prediction_images", "0",
     ]
     return run_detection.main(argv)
