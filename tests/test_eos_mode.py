@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config
+from testing_utils import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection
 from test_generation import cpu_compile_config
 

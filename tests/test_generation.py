@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import CompileConfig, LogitsProcessor
 
-from conftest import tiny_config
+from testing_utils import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection, Pix2SeqGrammarLogitsProcessor
 
 

@@ -3,7 +3,7 @@ import safetensors.torch
 import timm
 import torch
 
-from conftest import tiny_config
+from testing_utils import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection, Pix2SeqModel, Pix2SeqObjectDetectionOutput
 
 

@@ -6,7 +6,7 @@ import torch
 from torchvision.ops import box_iou
 from transformers import pipeline
 
-from conftest import tiny_config
+from testing_utils import tiny_config
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection
 

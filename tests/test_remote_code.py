@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from conftest import tiny_config
+from testing_utils import tiny_config
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import tiny_config
+from testing_utils import tiny_config
 from configuration_pix2seq import backbone_stride
 from modeling_pix2seq import Pix2SeqForObjectDetection
 

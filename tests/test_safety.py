@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForObjectDetection
 
-from conftest import tiny_config
+from testing_utils import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection
 
 

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_config
+from testing_utils import tiny_config
 from tokenization_pix2seq import Pix2SeqTokenizer
 
 

@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from conftest import tiny_config
+from testing_utils import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection
 from training_safety import NonFiniteLossCallback, NonFiniteLossError, checkpoint_problem, last_complete_checkpoint
 

@@ -1,6 +1,6 @@
 import torch
 
-from conftest import tiny_config
+from testing_utils import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection
 
 
