@@ -40,19 +40,35 @@ class Pix2SeqConfig(PretrainedConfig):
 
     Args:
         backbone (`str`, *optional*, defaults to `"resnet50"`):
-            Name of the timm model used as the image backbone (created with `features_only=True`).
+            Name of the timm model used as the image backbone (created with `features_only=True`). `None` with
+            `patch_size`, whose patch stem then takes the backbone's place.
         use_pretrained_backbone (`bool`, *optional*, defaults to `False`):
             Load the backbone's pretrained timm weights when the model is built. Once loaded, the weights belong to the
             model's own state and the flag is reset to `False`, so a saved checkpoint never downloads them again.
         backbone_kwargs (`dict`, *optional*):
             Extra keyword arguments for `timm.create_model`, e.g. `{"out_indices": (3,)}` to cut a ResNet at stride 16,
             or `{"pretrained_cfg_overlay": {"file": "weights.safetensors"}}` to load pretrained weights from a file.
+        backbone_tf_padding (`bool`, *optional*, defaults to `False`):
+            Pad the ResNet backbone as the official TensorFlow model does: the stem's strided max-pool pads like TF's
+            "SAME" (0 before and 1 after an even size, where timm pads 1 on both sides; its convolutions already pad
+            alike in both), and `image_size` need not be a multiple of the stride, the feature grid being
+            `ceil(image_size / stride)` as in TF. Needed by the converted official ResNet checkpoints.
+        patch_size (`int`, *optional*):
+            When set, the encoder is the official ViT one: a `patch_size` x `patch_size` convolution with bias and
+            stride `patch_size` embeds the image (a grid of `floor(image_size / patch_size)` per side, any
+            `image_size`), LayerNorm and 2D sin-cos positions follow, then the encoder layers; `backbone` must be
+            `None`.
         image_size (`int`, *optional*, defaults to 640):
-            Side of the square canvas images are resized and padded to. Must be divisible by the backbone's stride.
+            Side of the square canvas images are resized and padded to. Must be divisible by the backbone's stride,
+            unless `backbone_tf_padding` or `patch_size` is set.
         num_channels (`int`, *optional*, defaults to 3):
             Number of input image channels.
         d_model (`int`, *optional*, defaults to 256):
-            Width of the encoder and decoder layers.
+            Width of the decoder layers, and of the encoder layers unless `encoder_hidden_size` is set.
+        encoder_hidden_size (`int`, *optional*):
+            Width of the encoder layers when it differs from `d_model` (the official ViT encoders are wider than their
+            decoder). The encoder's output is projected to `d_model`, followed by a residual MLP of hidden width
+            `d_model * encoder_ffn_dim / encoder_hidden_size`, the official rule. Defaults to `d_model`.
         encoder_layers (`int`, *optional*, defaults to 6):
             Number of transformer encoder layers after the backbone (0 is allowed, e.g. for ViT backbones).
         encoder_attention_heads (`int`, *optional*, defaults to 8):
@@ -131,9 +147,12 @@ class Pix2SeqConfig(PretrainedConfig):
         backbone="resnet50",
         use_pretrained_backbone=False,
         backbone_kwargs=None,
+        backbone_tf_padding=False,
+        patch_size=None,
         image_size=640,
         num_channels=3,
         d_model=256,
+        encoder_hidden_size=None,
         encoder_layers=6,
         encoder_attention_heads=8,
         encoder_ffn_dim=1024,
@@ -168,9 +187,12 @@ class Pix2SeqConfig(PretrainedConfig):
         self.backbone = backbone
         self.use_pretrained_backbone = use_pretrained_backbone
         self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.backbone_tf_padding = backbone_tf_padding
+        self.patch_size = patch_size
         self.image_size = image_size
         self.num_channels = num_channels
         self.d_model = d_model
+        self.encoder_hidden_size = encoder_hidden_size
         self.encoder_layers = encoder_layers
         self.encoder_attention_heads = encoder_attention_heads
         self.encoder_ffn_dim = encoder_ffn_dim
@@ -223,19 +245,12 @@ class Pix2SeqConfig(PretrainedConfig):
         self._validate_pix2seq()
 
     def _validate_pix2seq(self):
-        if not timm.is_model(self.backbone):
-            raise ValueError(
-                f"Unknown timm backbone {self.backbone!r}; close names: {timm.list_models(f'*{self.backbone}*')[:5]}, "
-                "all names: `timm.list_models()`."
-            )
         if not (isinstance(self.image_size, int) and self.image_size > 0):
             raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}.")
-        stride = backbone_stride(self.backbone, self.num_channels, self.backbone_kwargs)
-        if stride and self.image_size % stride:
-            raise ValueError(
-                f"image_size={self.image_size} is not divisible by the stride {stride} of backbone {self.backbone!r}: "
-                f"use a multiple of {stride}, e.g. {self.image_size // stride * stride or stride}."
-            )
+        if self.patch_size is not None:
+            self._validate_patch_stem()
+        else:
+            self._validate_backbone()
         if self.class_label_corruption not in CLASS_LABEL_CORRUPTIONS:
             raise ValueError(
                 f"class_label_corruption={self.class_label_corruption!r} is not one of {CLASS_LABEL_CORRUPTIONS}."
@@ -277,11 +292,41 @@ class Pix2SeqConfig(PretrainedConfig):
                 f"max_instances={self.max_instances} needs {self.sequence_length + 1} decoder positions, but "
                 f"max_position_embeddings={self.max_position_embeddings}."
             )
-        if self.d_model % self.decoder_attention_heads or self.d_model % self.encoder_attention_heads:
+        if self.d_model % self.decoder_attention_heads:
             raise ValueError(
-                f"d_model={self.d_model} must be divisible by the attention heads "
-                f"({self.encoder_attention_heads} encoder, {self.decoder_attention_heads} decoder)."
+                f"d_model={self.d_model} must be divisible by decoder_attention_heads={self.decoder_attention_heads}."
             )
+        encoder_width = self.encoder_hidden_size or self.d_model
+        if encoder_width % self.encoder_attention_heads:
+            raise ValueError(
+                f"The encoder width {encoder_width} (encoder_hidden_size, else d_model) must be divisible by "
+                f"encoder_attention_heads={self.encoder_attention_heads}."
+            )
+
+    def _validate_backbone(self):
+        if not timm.is_model(self.backbone):
+            raise ValueError(
+                f"Unknown timm backbone {self.backbone!r}; close names: {timm.list_models(f'*{self.backbone}*')[:5]}, "
+                "all names: `timm.list_models()`."
+            )
+        stride = backbone_stride(self.backbone, self.num_channels, self.backbone_kwargs)
+        if stride and self.image_size % stride and not self.backbone_tf_padding:
+            raise ValueError(
+                f"image_size={self.image_size} is not divisible by the stride {stride} of backbone {self.backbone!r}: "
+                f"use a multiple of {stride}, e.g. {self.image_size // stride * stride or stride}, or set "
+                "backbone_tf_padding=True for TensorFlow's grid of ceil(image_size / stride)."
+            )
+
+    def _validate_patch_stem(self):
+        if self.backbone is not None:
+            raise ValueError(
+                f"patch_size={self.patch_size} replaces the timm backbone with the ViT patch stem: set backbone=None "
+                f"(got {self.backbone!r})."
+            )
+        if self.use_pretrained_backbone or self.backbone_tf_padding:
+            raise ValueError("use_pretrained_backbone and backbone_tf_padding apply to a timm backbone, not to patch_size.")
+        if not (isinstance(self.patch_size, int) and 0 < self.patch_size <= self.image_size):
+            raise ValueError(f"patch_size must be a positive integer up to image_size, got {self.patch_size!r}.")
 
 
 Pix2SeqConfig.register_for_auto_class()

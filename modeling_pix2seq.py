@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import timm
 import torch
 from timm.layers import DropPath
+from timm.layers.pool2d_same import MaxPool2dSame
 from torch import nn
 from transformers import CompileConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -92,19 +93,20 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 class Pix2SeqAttention(nn.Module):
-    def __init__(self, config, num_heads, is_causal=False, layer_idx=None):
+    def __init__(self, config, num_heads, is_causal=False, layer_idx=None, hidden_size=None):
         super().__init__()
         self.config = config
-        self.head_dim = config.d_model // num_heads
+        hidden_size = hidden_size or config.d_model
+        self.head_dim = hidden_size // num_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         # Read by the SDPA integration: without it, every attention without a mask would be causal.
         self.is_causal = is_causal
         self.layer_idx = layer_idx
-        self.q_proj = nn.Linear(config.d_model, config.d_model)
-        self.k_proj = nn.Linear(config.d_model, config.d_model)
-        self.v_proj = nn.Linear(config.d_model, config.d_model)
-        self.out_proj = nn.Linear(config.d_model, config.d_model)
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, hidden_states, key_value_states=None, attention_mask=None, cache=None):
         batch_size, length, _ = hidden_states.shape  # (B, T, D)
@@ -149,12 +151,12 @@ class Pix2SeqMLP(nn.Module):
 
 
 class Pix2SeqEncoderLayer(GradientCheckpointingLayer):
-    def __init__(self, config, drop_path):
+    def __init__(self, config, drop_path, hidden_size):
         super().__init__()
-        self.self_attn_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.self_attn = Pix2SeqAttention(config, config.encoder_attention_heads)
-        self.final_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.mlp = Pix2SeqMLP(config.d_model, config.encoder_ffn_dim, config.dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = Pix2SeqAttention(config, config.encoder_attention_heads, hidden_size=hidden_size)
+        self.final_layer_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mlp = Pix2SeqMLP(hidden_size, config.encoder_ffn_dim, config.dropout)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, hidden_states):
@@ -230,12 +232,26 @@ class Pix2SeqBackbone(Pix2SeqPreTrainedModel):
         )
         self.num_features = self.timm_model.feature_info.channels()[-1]
         self.stride = self.timm_model.feature_info.reduction()[-1]
-        if config.image_size % self.stride:
+        if config.backbone_tf_padding:
+            self._use_tf_same_max_pool()
+        elif config.image_size % self.stride:
             raise ValueError(
                 f"image_size={config.image_size} is not divisible by the stride {self.stride} of backbone "
                 f"{config.backbone!r}."
             )
         self.post_init()
+
+    def _use_tf_same_max_pool(self):
+        # Max-pooling has no weights, so the swap leaves the state dict (and timm's pretrained weights) as they are.
+        pools = [name for name, module in self.timm_model.named_children() if type(module) is nn.MaxPool2d]
+        if not pools:
+            raise ValueError(
+                f"backbone_tf_padding=True pads a stem max-pool as TensorFlow does, but backbone {self.config.backbone!r} "
+                "has no max-pool among its top-level modules."
+            )
+        for name in pools:
+            pool = getattr(self.timm_model, name)
+            setattr(self.timm_model, name, MaxPool2dSame(pool.kernel_size, pool.stride, dilation=pool.dilation))
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -254,35 +270,70 @@ class Pix2SeqBackbone(Pix2SeqPreTrainedModel):
         return self.timm_model(pixel_values)[-1]  # (B, C, H / stride, W / stride)
 
 
+class Pix2SeqPatchEmbeddings(nn.Module):
+    """
+    The official ViT stem: each `patch_size` x `patch_size` patch is embedded by a strided convolution with bias. Like
+    TF's "VALID" convolution, it leaves out the pixels past the last whole patch: the grid is `floor(size / patch)`.
+    """
+
+    def __init__(self, config, hidden_size):
+        super().__init__()
+        self.projection = nn.Conv2d(config.num_channels, hidden_size, config.patch_size, stride=config.patch_size)
+
+    def forward(self, pixel_values):
+        return self.projection(pixel_values)  # (B, D_enc, H / patch, W / patch)
+
+
 class Pix2SeqEncoder(nn.Module):
-    """Backbone -> projection + 2D sin-cos -> pre-LN transformer encoder -> projection for the decoder."""
+    """
+    Backbone (or ViT patch stem) -> projection + 2D sin-cos -> pre-LN transformer encoder -> projection to the
+    decoder's width. `last_hidden_state` is the projected encoding, `(B, H*W, d_model)`.
+    """
 
     main_input_name = "pixel_values"
 
     def __init__(self, config):
         super().__init__()
-        self.backbone = Pix2SeqBackbone(config)
-        self.input_proj = nn.Linear(self.backbone.num_features, config.d_model)
-        self.input_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        hidden_size = config.encoder_hidden_size or config.d_model
+        if config.patch_size:
+            self.backbone = Pix2SeqPatchEmbeddings(config, hidden_size)
+            # The official ViT stem normalises the patch embeddings directly: no projection in between.
+            self.input_proj = nn.Identity()
+        else:
+            self.backbone = Pix2SeqBackbone(config)
+            self.input_proj = nn.Linear(self.backbone.num_features, hidden_size)
+        self.input_layer_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
         drop_paths = torch.linspace(0, config.drop_path_rate, max(config.encoder_layers, 1)).tolist()
-        self.layers = nn.ModuleList(Pix2SeqEncoderLayer(config, drop_paths[i]) for i in range(config.encoder_layers))
-        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.encoder_layers else nn.Identity()
-        # The official `dec_proj_mode="mlp"`: Linear + LN, positions again, then a residual pre-LN MLP.
-        self.output_proj = nn.Linear(config.d_model, config.d_model)
+        self.layers = nn.ModuleList(
+            Pix2SeqEncoderLayer(config, drop_paths[i], hidden_size) for i in range(config.encoder_layers)
+        )
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps) if config.encoder_layers else nn.Identity()
+        # The official `dec_proj_mode="mlp"`: Linear + LN, positions again, then a residual pre-LN MLP whose width keeps
+        # the encoder's MLP ratio.
+        self.output_proj = nn.Linear(hidden_size, config.d_model)
         self.output_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.output_mlp_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.output_mlp = Pix2SeqMLP(config.d_model, config.encoder_ffn_dim, config.dropout)
+        mlp_width = config.d_model * config.encoder_ffn_dim // hidden_size
+        self.output_mlp = Pix2SeqMLP(config.d_model, mlp_width, config.dropout)
 
-    def forward(self, pixel_values, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+    def encode(self, pixel_values):
+        """The encoder layers' output before the projection to the decoder, `(B, H*W, D_enc)`, and the grid."""
         features = self.backbone(pixel_values)
-        batch_size, _, height, width = features.shape
+        _, _, height, width = features.shape
         hidden_states = self.input_layer_norm(self.input_proj(self.dropout(features.flatten(2).transpose(1, 2))))
         positions = sincos_2d_position_embedding(height, width, hidden_states.shape[-1], hidden_states.device, hidden_states.dtype)
-        hidden_states = hidden_states + positions  # (B, H*W, D)
+        hidden_states = hidden_states + positions  # (B, H*W, D_enc)
         for layer in self.layers:
             hidden_states = layer(hidden_states)
-        hidden_states = self.output_layer_norm(self.output_proj(self.layer_norm(hidden_states))) + positions
+        return self.layer_norm(hidden_states), (height, width)
+
+    def forward(self, pixel_values, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        hidden_states, (height, width) = self.encode(pixel_values)
+        hidden_states = self.output_layer_norm(self.output_proj(hidden_states))
+        hidden_states = hidden_states + sincos_2d_position_embedding(
+            height, width, hidden_states.shape[-1], hidden_states.device, hidden_states.dtype
+        )  # (B, H*W, D)
         hidden_states = hidden_states + self.output_mlp(self.output_mlp_layer_norm(hidden_states))
         return BaseModelOutput(last_hidden_state=hidden_states)
 
@@ -526,17 +577,23 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         token_weights = token_weights.flatten().float()
         return (cross_entropy * token_weights).sum() / (token_weights.sum() + 1e-9)
 
-    def generate(self, pixel_values=None, logits_processor=None, generation_config=None, use_grammar=True, **kwargs):
+    def generate(self, pixel_values=None, logits_processor=None, generation_config=None, use_grammar=None, **kwargs):
         """
         `GenerationMixin.generate` with Pix2Seq's decoding rules in front: the grammar processor (coordinates, then a
         class; EOS only at object boundaries in EOS mode) and, when sampling with `top_p < 1`, the official top-p
         semantics in place of transformers' `TopPLogitsWarper`.
+
+        `use_grammar=None` reads `use_grammar` from the generation config (saved in `generation_config.json`; the
+        grammar applies where it is unset). Converted official checkpoints save `False`: the official decoding has no
+        grammar mask.
 
         With `cache_implementation="static"` and only these rules (no extra processors, beams or model kwargs), it runs
         Pix2Seq's own static decode loop instead (see `_generate_static`); its greedy output is the same.
         """
         generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         kwargs = generation_config.update(**kwargs)
+        if use_grammar is None:
+            use_grammar = getattr(generation_config, "use_grammar", True)
         if self._can_generate_static(generation_config, logits_processor, kwargs):
             return self._generate_static(pixel_values, generation_config, use_grammar)
         processors = LogitsProcessorList()
