@@ -324,7 +324,9 @@ class Pix2SeqConfig(PretrainedConfig):
                 f"(got {self.backbone!r})."
             )
         if self.use_pretrained_backbone or self.backbone_tf_padding:
-            raise ValueError("use_pretrained_backbone and backbone_tf_padding apply to a timm backbone, not to patch_size.")
+            raise ValueError(
+                "use_pretrained_backbone and backbone_tf_padding apply to a timm backbone, not to patch_size."
+            )
         if not (isinstance(self.patch_size, int) and 0 < self.patch_size <= self.image_size):
             raise ValueError(f"patch_size must be a positive integer up to image_size, got {self.patch_size!r}.")
 

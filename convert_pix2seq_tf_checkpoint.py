@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 
 from configuration_pix2seq import Pix2SeqConfig
 from image_processing_pix2seq import Pix2SeqImageProcessor
@@ -162,7 +163,7 @@ def is_skipped(key):
 
 
 def torch_name(key):
-    """The model weight an official checkpoint key holds, e.g. `model/proj/kernel/...` -> `model.encoder.output_proj.weight`."""
+    """The model weight that an official checkpoint key holds, e.g. `model.encoder.output_proj.weight`."""
     if not key.endswith(VARIABLE_SUFFIX):
         raise CheckpointMappingError(f"Unknown checkpoint key {key!r}: not a variable value.")
     path = key[: -len(VARIABLE_SUFFIX)]
@@ -242,11 +243,15 @@ def map_checkpoint_keys(checkpoint_shapes, model):
 def load_checkpoint_into(model, reader):
     """Reads every mapped tensor of `reader` into `model` (see `map_checkpoint_keys`)."""
     mapping = map_checkpoint_keys({key: reader.shape(key) for key in reader.keys()}, model)
-    state_dict = {name: to_torch_layout(key, torch.from_numpy(reader.read(key))).contiguous() for key, name in mapping.items()}
+    state_dict = {
+        name: to_torch_layout(key, torch.from_numpy(reader.read(key))).contiguous() for key, name in mapping.items()
+    }
     result = model.load_state_dict(state_dict, strict=False)
     unset = sorted(set(result.missing_keys) - derived_weights(model))
     if unset or result.unexpected_keys:
-        raise CheckpointMappingError(f"Weights left unset: {unset}; weights not in the model: {result.unexpected_keys}.")
+        raise CheckpointMappingError(
+            f"Weights left unset: {unset}; weights not in the model: {result.unexpected_keys}."
+        )
     if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
         raise CheckpointMappingError("The output projection is not tied to the token embedding.")
     return model
@@ -330,7 +335,10 @@ def config_from_official(official_config, id2label):
         # The block widths only: timm's 7x7 stem is 64 channels wide whatever the widths (see `convert`).
         backbone_kwargs["channels"] = [int(64 * width) * 2**stage for stage in range(4)]
     return Pix2SeqConfig(
-        backbone=f"resnet{model['resnet_depth']}", backbone_tf_padding=True, backbone_kwargs=backbone_kwargs, **settings
+        backbone=f"resnet{model['resnet_depth']}",
+        backbone_tf_padding=True,
+        backbone_kwargs=backbone_kwargs,
+        **settings,
     )
 
 
@@ -348,14 +356,19 @@ def checkpoint_prefix(checkpoint_dir, checkpoint=None):
 
 def set_official_decoding(model, task):
     """The official evaluation's decoding as the saved default: top-p sampling, `max_instances` objects, no grammar."""
-    model.generation_config.update(
+    settings = model.generation_config.to_dict()
+    # A generation config derived from the model config drops settings unknown to transformers, `use_grammar` too.
+    settings.pop("_from_model_config", None)
+    settings.pop("transformers_version", None)
+    settings.update(
         do_sample=True,
         top_p=task["top_p"],
         top_k=task["top_k"],
         temperature=task["temperature"],
         max_new_tokens=model.config.sequence_length,
+        use_grammar=False,
     )
-    model.generation_config.use_grammar = False
+    model.generation_config = GenerationConfig(**settings)
 
 
 def model_card(source, family, official_config, config):
@@ -365,7 +378,7 @@ def model_card(source, family, official_config, config):
     if family is None:
         ap_line = "Its architecture is none of the released families, so no AP is published for it."
     elif not is_coco:
-        ap_line = f"It is a {family} pretraining checkpoint on {dataset}; AP is published only for the COCO fine-tunes."
+        ap_line = f"It is a {family} pretraining checkpoint on {dataset}; AP is published for COCO fine-tunes only."
     elif config.image_size in RELEASED_FAMILIES[family]["coco_ap"]:
         ap = RELEASED_FAMILIES[family]["coco_ap"][config.image_size]
         ap_line = f"Published COCO val2017 AP of this checkpoint: **{ap}** ({family}, {config.image_size} px)."
@@ -442,7 +455,7 @@ def convert(checkpoint_dir, output_dir, checkpoint=None, labels_file=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint_dir", required=True, help="Official run folder: config.json, checkpoint, ckpt-N.*")
+    parser.add_argument("--checkpoint_dir", required=True, help="Official run: config.json, checkpoint, ckpt-N.*")
     parser.add_argument("--output_dir", required=True, help="Where to write the save_pretrained folder.")
     parser.add_argument("--checkpoint", help="Checkpoint to convert, e.g. ckpt-10000 (default: the latest one).")
     parser.add_argument("--labels", help="JSON file mapping class id -> name (default: COCO or numbered Objects365).")

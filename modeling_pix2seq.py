@@ -246,8 +246,8 @@ class Pix2SeqBackbone(Pix2SeqPreTrainedModel):
         pools = [name for name, module in self.timm_model.named_children() if type(module) is nn.MaxPool2d]
         if not pools:
             raise ValueError(
-                f"backbone_tf_padding=True pads a stem max-pool as TensorFlow does, but backbone {self.config.backbone!r} "
-                "has no max-pool among its top-level modules."
+                f"backbone_tf_padding=True pads a stem max-pool as TensorFlow does, but backbone "
+                f"{self.config.backbone!r} has no max-pool among its top-level modules."
             )
         for name in pools:
             pool = getattr(self.timm_model, name)
@@ -308,9 +308,11 @@ class Pix2SeqEncoder(nn.Module):
         self.layers = nn.ModuleList(
             Pix2SeqEncoderLayer(config, drop_paths[i], hidden_size) for i in range(config.encoder_layers)
         )
-        self.layer_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps) if config.encoder_layers else nn.Identity()
-        # The official `dec_proj_mode="mlp"`: Linear + LN, positions again, then a residual pre-LN MLP whose width keeps
-        # the encoder's MLP ratio.
+        self.layer_norm = (
+            nn.LayerNorm(hidden_size, eps=config.layer_norm_eps) if config.encoder_layers else nn.Identity()
+        )
+        # The official `dec_proj_mode="mlp"`: Linear + LN, positions again, then a residual pre-LN MLP whose width
+        # keeps the encoder's MLP ratio.
         self.output_proj = nn.Linear(hidden_size, config.d_model)
         self.output_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.output_mlp_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
@@ -322,7 +324,9 @@ class Pix2SeqEncoder(nn.Module):
         features = self.backbone(pixel_values)
         _, _, height, width = features.shape
         hidden_states = self.input_layer_norm(self.input_proj(self.dropout(features.flatten(2).transpose(1, 2))))
-        positions = sincos_2d_position_embedding(height, width, hidden_states.shape[-1], hidden_states.device, hidden_states.dtype)
+        positions = sincos_2d_position_embedding(
+            height, width, hidden_states.shape[-1], hidden_states.device, hidden_states.dtype
+        )
         hidden_states = hidden_states + positions  # (B, H*W, D_enc)
         for layer in self.layers:
             hidden_states = layer(hidden_states)

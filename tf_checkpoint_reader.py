@@ -172,16 +172,20 @@ class TFCheckpointReader:
             shard.seek(entry["offset"])
             data = shard.read(entry["size"])
         if len(data) != entry["size"]:
-            raise CheckpointFormatError(f"Tensor {name!r}: shard {entry['shard']} ends before its {entry['size']} bytes.")
+            raise CheckpointFormatError(
+                f"Tensor {name!r}: shard {entry['shard']} ends before its {entry['size']} bytes."
+            )
         if entry["dtype"] == DT_STRING:
             return self._decode_strings(name, data, entry["shape"])
         if entry["dtype"] not in NUMPY_DTYPES:
-            raise CheckpointFormatError(f"Tensor {name!r} has TF dtype {entry['dtype']}, which this reader does not decode.")
+            raise CheckpointFormatError(
+                f"Tensor {name!r} has TF dtype {entry['dtype']}, which this reader does not decode."
+            )
         dtype = NUMPY_DTYPES[entry["dtype"]]
         expected = int(np.prod(entry["shape"], dtype=np.int64)) * dtype.itemsize
         if expected != len(data):
             raise CheckpointFormatError(
-                f"Tensor {name!r}: {len(data)} bytes stored for shape {entry['shape']} of {dtype} ({expected} expected)."
+                f"Tensor {name!r}: {len(data)} bytes for shape {entry['shape']} of {dtype}, {expected} expected."
             )
         return np.frombuffer(data, dtype=dtype).reshape(entry["shape"]).astype(dtype.newbyteorder("="))
 
