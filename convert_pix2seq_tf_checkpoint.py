@@ -372,16 +372,19 @@ def set_official_decoding(model, task):
 
 
 def model_card(source, family, official_config, config):
+    """The converted folder's README.md: where the weights come from, their published AP, how they decode."""
     model, task = official_settings(official_config)
     dataset = official_config.get("dataset", {}).get("name", "unknown")
-    is_coco = dataset.startswith("coco")
+    published_ap = RELEASED_FAMILIES[family]["coco_ap"] if family is not None else {}
     if family is None:
         ap_line = "Its architecture is none of the released families, so no AP is published for it."
-    elif not is_coco:
-        ap_line = f"It is a {family} pretraining checkpoint on {dataset}; AP is published for COCO fine-tunes only."
-    elif config.image_size in RELEASED_FAMILIES[family]["coco_ap"]:
-        ap = RELEASED_FAMILIES[family]["coco_ap"][config.image_size]
-        ap_line = f"Published COCO val2017 AP of this checkpoint: **{ap}** ({family}, {config.image_size} px)."
+    elif not dataset.startswith("coco"):
+        ap_line = f"It is the {family} pretraining checkpoint; AP is published for the COCO fine-tunes only."
+    elif config.image_size in published_ap:
+        ap_line = (
+            f"Published COCO AP of this checkpoint: **{published_ap[config.image_size]}** ({family}, "
+            f"{config.image_size} px), from the official release; it was not measured on this conversion."
+        )
     else:
         ap_line = f"No AP is published for {family} at {config.image_size} px."
     return f"""---
@@ -394,9 +397,9 @@ tags:
 
 # Pix2Seq {family or "(custom architecture)"}, {config.image_size} px
 
-Converted from the official Pix2Seq TensorFlow checkpoint `{source}` (training data: `{dataset}`) with
-`convert_pix2seq_tf_checkpoint.py`. {ap_line} That figure comes from the official release; it was not measured on
-this conversion, which was checked for exact parity with the official model on random-weight checkpoints of the same
+Converted from the official Pix2Seq TensorFlow checkpoint `{source}` (trained on `{dataset}`) with this project's
+`convert_pix2seq_tf_checkpoint.py`. {ap_line}
+The conversion is checked for exact parity with the official model on random-weight checkpoints of the same
 structure.
 
 ```python
@@ -408,11 +411,10 @@ detector("image.jpg", threshold=0.5)
 
 ## Decoding
 
-The saved generation config is the official evaluation's: top-p {task['top_p']} sampling (top-k {task['top_k']},
-temperature {task['temperature']}), {config.max_instances} objects ({config.sequence_length} new tokens) and no
-grammar mask (`use_grammar: false`), so a detection's class is the most likely class token at its class position.
-Sampling draws different detections on every call. To decode greedily, or with the grammar mask (coordinates, then a
-class):
+The saved generation config is the official evaluation's: top-p sampling with `top_p={task["top_p"]}`,
+`top_k={task["top_k"]}`, `temperature={task["temperature"]}`, {config.max_instances} objects
+(`max_new_tokens={config.sequence_length}`) and no grammar mask (`use_grammar: false`). To decode greedily, or with the
+grammar mask (4 coordinates, then a class):
 
 ```python
 model.generation_config.do_sample = False  # greedy
@@ -423,11 +425,11 @@ or per call, `model.generate(pixel_values, do_sample=False, use_grammar=True)`.
 
 ## Architecture
 
-Official `resnet_variant` `{model['resnet_variant']}`, encoder {config.encoder_layers} layers of width
-{config.encoder_hidden_size or config.d_model}, decoder {config.decoder_layers} layers of width {config.d_model},
+Official `resnet_variant="{model["resnet_variant"]}"`: {config.encoder_layers} encoder layers of width
+{config.encoder_hidden_size or config.d_model}, {config.decoder_layers} decoder layers of width {config.d_model},
 vocabulary {config.vocab_size}, {config.num_bins} coordinate bins, {len(config.id2label)} classes. Images are RGB in
-[0, 1] (no mean/std normalisation), resized so that their longer side is {config.image_size} and padded bottom/right
-with 0.3.
+[0, 1] without mean/std normalisation, resized so that their longer side is {config.image_size} and padded at the
+bottom and right with 0.3.
 """
 
 
