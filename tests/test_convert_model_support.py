@@ -84,7 +84,7 @@ def test_inconsistent_patch_stem_settings_fail_at_construction(overrides, messag
 
 def test_generate_reads_the_saved_grammar_default(tmp_path):
     model = Pix2SeqForObjectDetection(tiny_config()).eval()
-    model.generation_config.do_sample = False
+    model.generation_config.update(do_sample=False, max_new_tokens=10)
     pixel_values = torch.rand(1, 3, 64, 64)
     with_grammar = model.generate(pixel_values=pixel_values, use_grammar=True)
     without_grammar = model.generate(pixel_values=pixel_values, use_grammar=False)
