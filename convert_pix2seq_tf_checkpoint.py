@@ -290,7 +290,8 @@ def config_from_official(official_config, id2label):
     for setting, value in REQUIRED_SETTINGS.items():
         if model.get(setting, value) != value:
             raise ValueError(f"Official setting {setting}={model[setting]!r} is not supported (only {value!r}).")
-    height, width = model["image_size"]
+    size = model["image_size"]
+    height, width = (size, size) if isinstance(size, int) else size
     if height != width:
         raise ValueError(f"Only square official image sizes are supported, got {model['image_size']}.")
     max_seq_len = model["max_seq_len"]
