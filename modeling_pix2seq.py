@@ -592,6 +592,11 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         processors.extend(logits_processor or [])
         return super().generate(pixel_values=pixel_values, logits_processor=processors, generation_config=generation_config, **kwargs)
 
+    def _prepare_special_tokens(self, generation_config, kwargs_has_attention_mask=None, *args, **kwargs):
+        # With PAD = EOS (Pix2Seq's layout) and no attention mask, transformers warns on every batch that padding in
+        # the input cannot be told apart; the input here is pixels, which hold no padding tokens to tell apart.
+        super()._prepare_special_tokens(generation_config, True, *args, **kwargs)
+
     @staticmethod
     def _can_generate_static(generation_config, logits_processor, model_kwargs):
         return (

@@ -25,7 +25,7 @@ def test_eos_mode_stops_after_one_token_when_eos_is_certain_at_the_first_object(
     sequences = model.generate(pixel_values, do_sample=False, **path)
     assert sequences.tolist() == [[model.config.task_token_id, model.config.pad_token_id]] * 3
     detections = model.detect(pixel_values, do_sample=False, **path)
-    assert detections.pred_boxes.shape == (3, 0, 4)
+    assert detections.pred_canvas_boxes.shape == (3, 0, 4)
 
 
 @pytest.mark.parametrize("path", PATHS, ids=["generation_mixin", "static"])
@@ -42,7 +42,7 @@ def test_eos_mode_batch_runs_until_its_last_sequence_ends_and_pads_the_ended_one
     # every object start: the sequences end at different objects.
     model = model_with_eos_bias(eos_mode=True, eos_bias=math.log(tiny_config().num_bins), max_instances=12)
     pad = model.config.pad_token_id
-    tokens = model.generate(torch.rand(8, 3, 64, 64), top_p=1.0, **path)[:, 1:]
+    tokens = model.generate(torch.rand(8, 3, 64, 64), do_sample=True, top_p=1.0, **path)[:, 1:]
     ends = [(row == pad).nonzero()[0].item() if (row == pad).any() else None for row in tokens]
     assert len({end for end in ends}) > 1
     for row, end in zip(tokens, ends):
@@ -81,9 +81,9 @@ def test_compiled_static_sampling_in_eos_mode_ends_like_eager_sampling_with_the_
     model = model_with_eos_bias(eos_mode=True, eos_bias=math.log(tiny_config().num_bins), max_instances=12)
     pixel_values = torch.rand(8, 3, 64, 64)
     torch.manual_seed(1)
-    eager = model.generate(pixel_values, top_p=1.0, cache_implementation="static")
+    eager = model.generate(pixel_values, do_sample=True, top_p=1.0, cache_implementation="static")
     torch.manual_seed(1)
-    compiled = model.generate(pixel_values, top_p=1.0, cache_implementation="static", compile_config=cpu_compile_config("aot_eager"))
+    compiled = model.generate(pixel_values, do_sample=True, top_p=1.0, cache_implementation="static", compile_config=cpu_compile_config("aot_eager"))
     assert (eager[:, 6:] == model.config.pad_token_id).any(), "some sequence must end inside a compiled step"
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 

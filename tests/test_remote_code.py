@@ -68,7 +68,7 @@ def test_auto_classes_load_the_folder_in_a_fresh_offline_process(model_folder, t
         pixel_values = processor(torch.rand(3, 40, 70))["pixel_values"]
         outputs = model(pixel_values=pixel_values)
         print(config.model_type, type(model).__name__, type(base).__name__, type(processor).__name__)
-        print(tuple(outputs.pred_boxes.shape))
+        print(tuple(outputs.pred_canvas_boxes.shape))
         """,
         model_folder,
         tmp_path,
