@@ -101,9 +101,12 @@ def test_sampled_detections_repeat_and_leave_the_global_random_state_alone(teste
     model = Pix2SeqForObjectDetection(config).eval()
     model.generation_config.update(do_sample=True, top_p=0.4, top_k=0)
     pixel_values = tester.prepare_pixel_values(config)
+    torch.manual_seed(1)
     state = torch.random.get_rng_state()
-    first, second = model.detect(pixel_values), model.detect(pixel_values)
+    first = model.detect(pixel_values)
     assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(2)
+    second = model.detect(pixel_values)
     assert torch.equal(first.sequences, second.sequences)
     torch.testing.assert_close(first.pred_scores, second.pred_scores, rtol=0, atol=0)
     # Generation itself still samples: unseeded calls differ.
