@@ -1,7 +1,10 @@
+import logging
 import math
 
 import pytest
 import torch
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as transformers_logging
 
 from testing_utils import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection
@@ -26,6 +29,15 @@ def test_eos_mode_stops_after_one_token_when_eos_is_certain_at_the_first_object(
     assert sequences.tolist() == [[model.config.task_token_id, model.config.pad_token_id]] * 3
     detections = model.detect(pixel_values, do_sample=False, **path)
     assert detections.pred_canvas_boxes.shape == (3, 0, 4)
+
+
+def test_batched_generation_with_pad_equal_to_eos_logs_no_attention_mask_warning():
+    model = model_with_eos_bias(eos_mode=True, eos_bias=0.0)
+    # `warning_once` remembers what it said in this process.
+    logging.Logger.warning_once.cache_clear()
+    with CaptureLogger(transformers_logging.get_logger("transformers.generation.utils")) as captured:
+        model.generate(torch.rand(2, 3, 64, 64), do_sample=False)
+    assert captured.out == ""
 
 
 @pytest.mark.parametrize("path", PATHS, ids=["generation_mixin", "static"])
