@@ -80,10 +80,8 @@ def test_eos_mode_trains_on_sequences_one_token_longer():
     model = model_with_eos_bias(eos_mode=True, eos_bias=0.0).train()
     example = model.tokenizer.build_training_sequence(torch.tensor([[0.1, 0.2, 0.5, 0.6]]), torch.tensor([1]))
     batch = {key: value.unsqueeze(0) for key, value in example.items()}
-    assert batch["labels"].shape == (1, 5 * model.config.max_instances + 1)
-    assert batch["labels"][0, 5] == model.config.pad_token_id
     output = model(pixel_values=torch.rand(1, 3, 64, 64), **batch)
-    assert output.logits.shape[1] == model.config.sequence_length
+    assert output.logits.shape[1] == model.config.sequence_length == 5 * model.config.max_instances + 1
     assert torch.isfinite(output.loss)
 
 

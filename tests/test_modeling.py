@@ -81,7 +81,6 @@ def test_save_and_load_give_identical_outputs_and_keep_the_tie(tester, tmp_path)
     model = Pix2SeqForObjectDetection(config).eval()
     batch = tester.prepare_token_inputs(model)
     model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").exists()
     loaded = Pix2SeqForObjectDetection.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
     assert loaded.lm_head.weight is loaded.model.decoder.embed_tokens.weight
@@ -219,14 +218,6 @@ def test_pretrained_backbone_weights_survive_post_init(tmp_path):
     loaded = model.model.encoder.backbone.timm_model.state_dict()
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(loaded[name], value, msg=name)
-
-
-def test_gradient_checkpointing_gives_the_same_loss():
-    model = Pix2SeqForObjectDetection(Pix2SeqModelTester(dropout=0.0, drop_path_rate=0.0).get_config()).train()
-    batch = Pix2SeqModelTester().prepare_token_inputs(model)
-    plain = model(**batch).loss
-    model.activation_checkpointing_enable()
-    torch.testing.assert_close(model(**batch).loss, plain)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
