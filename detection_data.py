@@ -335,7 +335,7 @@ class TrainAugmentation:
         self.sanitize = v2.SanitizeBoundingBoxes(min_size=1.0)
 
     def __call__(self, image, boxes, labels):
-        """`(3, H, W)` image, `(N, 4)` xyxy pixel boxes, `(N,)` labels -> crop of at most `S` x `S`, its boxes, labels."""
+        """`(3, H, W)` image, `(N, 4)` xyxy pixel boxes, `(N,)` labels -> crop of at most `S` x `S`, boxes, labels."""
         boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:]))
         image, boxes = self.jitter(tv_tensors.Image(image), boxes)
         height, width = image.shape[-2:]

@@ -211,7 +211,8 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
         side = canvas_side(kwargs["size"])
         if kwargs["pad_size"] is not None and (kwargs["pad_size"].height, kwargs["pad_size"].width) != (side, side):
             raise ValueError(
-                f"Pix2Seq pads to the square canvas of `size` ({side} x {side}); got pad_size={dict(kwargs['pad_size'])}."
+                f"Pix2Seq pads to the square canvas of `size` ({side} x {side}); "
+                f"got pad_size={dict(kwargs['pad_size'])}."
             )
         return kwargs
 

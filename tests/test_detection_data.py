@@ -144,7 +144,9 @@ def test_stream_skips_a_bad_record_and_continues(tmp_path):
     folder, path = write_coco(tmp_path, images, annotations)
     (folder / "3.png").write_bytes(b"garbage")
     reader = ImageReader()
-    transform = TrainTransform(Pix2SeqImageProcessor(image_size=32), tokenizer().encode_target, TrainAugmentation(32), reader)
+    transform = TrainTransform(
+        Pix2SeqImageProcessor(image_size=32), tokenizer().encode_target, TrainAugmentation(32), reader
+    )
     examples = list(train_stream(coco_split(folder, path, train=True), transform, batch_size=2))
     assert len(examples) == 3
     assert reader.num_skipped == 1

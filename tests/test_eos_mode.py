@@ -3,12 +3,13 @@ import math
 
 import pytest
 import torch
+from test_generation import cpu_compile_config
+from testing_utils import tiny_config
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as transformers_logging
 
-from testing_utils import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection
-from test_generation import cpu_compile_config
+
 
 PATHS = [{}, {"cache_implementation": "static"}]
 
@@ -93,7 +94,10 @@ def test_compiled_static_sampling_in_eos_mode_ends_like_eager_sampling_with_the_
     torch.manual_seed(1)
     eager = model.generate(pixel_values, do_sample=True, top_p=1.0, cache_implementation="static")
     torch.manual_seed(1)
-    compiled = model.generate(pixel_values, do_sample=True, top_p=1.0, cache_implementation="static", compile_config=cpu_compile_config("aot_eager"))
+    compiled = model.generate(
+        pixel_values, do_sample=True, top_p=1.0, cache_implementation="static",
+        compile_config=cpu_compile_config("aot_eager"),
+    )
     assert (eager[:, 6:] == model.config.pad_token_id).any(), "some sequence must end inside a compiled step"
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 

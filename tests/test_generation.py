@@ -58,7 +58,9 @@ def test_static_sampling_with_a_tiny_top_p_is_greedy(model, pixel_values):
 
 def test_static_sampling_follows_the_grammar_and_varies(model, pixel_values):
     tokenizer = model.tokenizer
-    samples = [model.generate(pixel_values, do_sample=True, top_p=1.0, cache_implementation="static")[:, 1:] for _ in range(2)]
+    samples = [
+        model.generate(pixel_values, do_sample=True, top_p=1.0, cache_implementation="static")[:, 1:] for _ in range(2)
+    ]
     for tokens in samples:
         objects = tokens.reshape(len(tokens), -1, 5)
         coordinates = objects[..., :4] - tokenizer.coord_token_offset

@@ -28,7 +28,9 @@ def test_images_of_any_size_become_one_square_canvas_padded_bottom_right():
 
 def test_normalisation_is_optional_and_applies_after_padding():
     image = PIL.Image.new("RGB", (64, 32), (255, 255, 255))
-    processor = Pix2SeqImageProcessor(size={"longest_edge": 64}, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    processor = Pix2SeqImageProcessor(
+        size={"longest_edge": 64}, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.25] * 3
+    )
     pixel_values = processor(image)["pixel_values"]
     assert torch.allclose(pixel_values[0, :, 0, 0], torch.tensor(2.0))
     assert torch.allclose(pixel_values[0, :, -1, -1], torch.tensor((0.3 - 0.5) / 0.25))

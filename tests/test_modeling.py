@@ -5,8 +5,8 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-
 from testing_utils import Pix2SeqModelTester, tiny_config
+
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqConfig, Pix2SeqForObjectDetection, Pix2SeqModel, Pix2SeqObjectDetectionOutput
 
@@ -38,7 +38,10 @@ def test_processor_labels_train_the_model_as_detr_labels_do(tester):
     processor = Pix2SeqImageProcessor(size={"longest_edge": config.image_size})
     annotations = [
         {"image_id": 1, "annotations": [{"bbox": [10, 5, 30, 20], "category_id": 1}]},
-        {"image_id": 2, "annotations": [{"bbox": [0, 0, 8, 8], "category_id": 2}, {"bbox": [4, 2, 9, 9], "category_id": 0}]},
+        {
+            "image_id": 2,
+            "annotations": [{"bbox": [0, 0, 8, 8], "category_id": 2}, {"bbox": [4, 2, 9, 9], "category_id": 0}],
+        },
     ]
     images = [PIL.Image.new("RGB", (80, 50), (200, 30, 30)), PIL.Image.new("RGB", (20, 40))]
     inputs = processor(images=images, annotations=annotations, return_tensors="pt")
