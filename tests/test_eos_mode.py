@@ -3,12 +3,12 @@ import math
 
 import pytest
 import torch
-from test_generation import cpu_compile_config
-from testing_utils import tiny_config
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as transformers_logging
 
+from testing_utils import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection
+from test_generation import cpu_compile_config
 
 
 PATHS = [{}, {"cache_implementation": "static"}]

@@ -5,8 +5,8 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from testing_utils import Pix2SeqModelTester, tiny_config
 
+from testing_utils import Pix2SeqModelTester, tiny_config
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqConfig, Pix2SeqForObjectDetection, Pix2SeqModel, Pix2SeqObjectDetectionOutput
 

@@ -3,13 +3,12 @@
 import numpy as np
 import PIL.Image
 import torch
-from testing_utils import tiny_config
 from torchvision.ops import box_iou
 from transformers import pipeline
 
+from testing_utils import tiny_config
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection
-
 
 OBJECTS = [
     # (height, width), [(x_min, y_min, x_max, y_max, class), ...] in pixels
