@@ -166,7 +166,9 @@ def test_processor_saves_and_loads_its_settings(tmp_path):
 
 def test_from_pretrained_size_as_the_transformers_example_passes_it_takes_effect(tmp_path):
     Pix2SeqImageProcessor(size={"longest_edge": 96}).save_pretrained(tmp_path)
-    loaded = Pix2SeqImageProcessor.from_pretrained(tmp_path, size={"max_height": 48, "max_width": 48})
+    loaded = Pix2SeqImageProcessor.from_pretrained(
+        tmp_path, do_resize=True, size={"max_height": 48, "max_width": 48}, do_pad=True, pad_size={"height": 48, "width": 48}
+    )
     assert loaded(PIL.Image.new("RGB", (50, 30)))["pixel_values"].shape == (1, 3, 48, 48)
     with pytest.raises(ValueError, match="square canvas"):
         Pix2SeqImageProcessor.from_pretrained(tmp_path, size={"max_height": 48, "max_width": 64})
