@@ -717,8 +717,9 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
     def detect(self, pixel_values, **generate_kwargs):
         """
         Generates and decodes detections for a batch of processed images (see `Pix2SeqObjectDetectionOutput`). When
-        it samples, it samples from the seed `DETECTION_SEED` under a forked random state: the same images give the
-        same detections every call, and the caller's random state is left as it was.
+        it samples, it samples from the seed `DETECTION_SEED` under a forked random state (of the CPU, and of the CUDA
+        device the images are on): the same images give the same detections every call, and the caller's random state
+        is left as it was.
         """
         device = pixel_values.device
         forked_devices = [device] if device.type == "cuda" else []
