@@ -1,5 +1,7 @@
 """Pix2Seq model configuration."""
 
+import copy
+
 import timm
 import torch
 from transformers import PretrainedConfig
@@ -44,7 +46,8 @@ class Pix2SeqConfig(PretrainedConfig):
             `patch_size`, whose patch stem then takes the backbone's place.
         use_pretrained_backbone (`bool`, *optional*, defaults to `False`):
             Load the backbone's pretrained timm weights when the model is built. Once loaded, the weights belong to the
-            model's own state and the flag is reset to `False`, so a saved checkpoint never downloads them again.
+            model's own state: a saved config holds `False` (and no local weights `file`, see `to_json_file`), so
+            that loading a saved folder and `from_config` never download or look for the weights.
         backbone_kwargs (`dict`, *optional*):
             Extra keyword arguments for `timm.create_model`, e.g. `{"out_indices": (3,)}` to cut a ResNet at stride 16,
             or `{"pretrained_cfg_overlay": {"file": "weights.safetensors"}}` to load pretrained weights from a file.
@@ -233,6 +236,20 @@ class Pix2SeqConfig(PretrainedConfig):
         if self.label2id is None and self.id2label is not None:
             self.label2id = {name: index for index, name in self.id2label.items()}
         self._validate_pix2seq()
+
+    def to_json_file(self, json_file_path, use_diff=True):
+        """
+        Writes the config (as `save_pretrained` does) without the settings that only matter while a model is first
+        built: `use_pretrained_backbone` is written `False` and a weights `file` in
+        `backbone_kwargs["pretrained_cfg_overlay"]`, a path on this machine, is left out.
+        """
+        saved = copy.deepcopy(self)
+        saved.use_pretrained_backbone = False
+        overlay = saved.backbone_kwargs.pop("pretrained_cfg_overlay", {})
+        overlay = {key: value for key, value in overlay.items() if key != "file"}
+        if overlay:
+            saved.backbone_kwargs["pretrained_cfg_overlay"] = overlay
+        super(Pix2SeqConfig, saved).to_json_file(json_file_path, use_diff=use_diff)
 
     @property
     def sequence_length(self):

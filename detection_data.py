@@ -323,20 +323,19 @@ class ImageReader:
 class TrainAugmentation:
     """
     The official detection training augmentation, box-aware through torchvision `transforms.v2`: scale jitter of the
-    canvas size by U(`min_scale`, `max_scale`) with the aspect ratio kept, a random crop of at most the canvas, a
-    horizontal flip, then padding bottom-right to the canvas (as at inference). Boxes leaving the crop are clipped,
-    and dropped once nothing is left.
+    canvas size by U(`min_scale`, `max_scale`) with the aspect ratio kept, a random crop of at most the canvas and a
+    horizontal flip. Boxes leaving the crop are clipped, and dropped once nothing is left. The image processor then
+    pads the crop to the canvas, as at inference.
     """
 
-    def __init__(self, image_size, min_scale=0.3, max_scale=2.0, flip_probability=0.5, pad_value=0.3):
+    def __init__(self, image_size, min_scale=0.3, max_scale=2.0, flip_probability=0.5):
         self.image_size = image_size
-        self.pad_value = pad_value
         self.jitter = v2.ScaleJitter((image_size, image_size), scale_range=(min_scale, max_scale), antialias=True)
         self.flip = v2.RandomHorizontalFlip(flip_probability)
         self.sanitize = v2.SanitizeBoundingBoxes(min_size=1.0)
 
     def __call__(self, image, boxes, labels):
-        """`(3, H, W)` image, `(N, 4)` xyxy pixel boxes, `(N,)` labels -> `(3, S, S)` canvas, boxes in canvas pixels, labels."""
+        """`(3, H, W)` image, `(N, 4)` xyxy pixel boxes, `(N,)` labels -> crop of at most `S` x `S`, boxes, labels."""
         boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:]))
         image, boxes = self.jitter(tv_tensors.Image(image), boxes)
         height, width = image.shape[-2:]
@@ -345,16 +344,16 @@ class TrainAugmentation:
         left = int(torch.randint(0, width - crop_width + 1, ()))
         image, boxes = F.crop(image, top, left, crop_height, crop_width), F.crop(boxes, top, left, crop_height, crop_width)
         sample = self.sanitize(self.flip({"image": image, "boxes": F.clamp_bounding_boxes(boxes), "labels": labels}))
-        padding = [0, 0, self.image_size - crop_width, self.image_size - crop_height]  # left, top, right, bottom
-        canvas = F.pad(sample["image"], padding, fill=self.pad_value)
-        return canvas.as_subclass(torch.Tensor), sample["boxes"].as_subclass(torch.Tensor), sample["labels"]
+        return sample["image"].as_subclass(torch.Tensor), sample["boxes"].as_subclass(torch.Tensor), sample["labels"]
 
 
 class TrainTransform:
     """
-    Record batch -> model inputs, for `IterableDataset.map(batched=True)`: decode, augment, normalise as the image
-    processor does, then `targets(boxes, labels)` (boxes xyxy normalised to the canvas) adds the training targets:
-    for Pix2Seq the tokenizer's `build_training_sequence`. Unreadable records are left out of the batch.
+    Record batch -> model inputs, for `IterableDataset.map(batched=True)`: decode and augment each image, then the
+    image processor puts the crop on its canvas (padding, normalisation, boxes as the model's targets) exactly as it
+    does for `model(**processor(images, annotations=...))`, without resizing (the augmentation scaled the image).
+    `targets(label)` turns the processor's per-image label into training targets: for Pix2Seq the tokenizer's
+    `encode_target`, so that workers build the token sequences. Unreadable records are left out of the batch.
     """
 
     def __init__(self, image_processor, targets, augmentation, reader):
@@ -365,18 +364,27 @@ class TrainTransform:
 
     def __call__(self, batch):
         outputs = {"pixel_values": []}
-        for value, objects in zip(batch["image"], batch["objects"]):
+        for image_id, value, objects in zip(batch["image_id"], batch["image"], batch["objects"]):
             image = self.reader(value)
             if image is None:
                 continue
             xywh = torch.tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
             boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
             labels = torch.tensor(objects["category"], dtype=torch.long)
-            canvas, boxes, labels = self.augmentation(image, boxes, labels)
-            if self.image_processor.do_normalize:
-                canvas = F.normalize(canvas, self.image_processor.image_mean, self.image_processor.image_std)
-            outputs["pixel_values"].append(canvas)
-            for key, value in self.targets(boxes / self.augmentation.image_size, labels).items():
+            crop, boxes, labels = self.augmentation(image, boxes, labels)
+            annotation = {
+                "image_id": image_id,
+                "annotations": [
+                    {"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": label}
+                    for (x0, y0, x1, y1), label in zip(boxes.tolist(), labels.tolist())
+                ],
+            }
+            # The reader's pixels are in [0, 1] already.
+            processed = self.image_processor(
+                crop, annotations=annotation, do_resize=False, do_rescale=False, return_tensors="pt"
+            )
+            outputs["pixel_values"].append(processed["pixel_values"][0])
+            for key, value in self.targets(processed["labels"][0]).items():
                 outputs.setdefault(key, []).append(value)
         return outputs
 
@@ -413,7 +421,8 @@ class EvalCollator:
                 image_ids.append(row["image_id"])
         if not images:
             return {"pixel_values": None, "image_ids": torch.zeros(0, dtype=torch.long), "target_sizes": torch.zeros(0, 2)}
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        # The reader's pixels are in [0, 1] already.
+        pixel_values = self.image_processor(images=images, do_rescale=False, return_tensors="pt")["pixel_values"]
         return {
             "pixel_values": pixel_values.contiguous(memory_format=torch.channels_last),
             "image_ids": torch.tensor(image_ids),

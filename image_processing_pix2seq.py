@@ -1,11 +1,27 @@
 """Image processor for Pix2Seq: resize the longest side, pad bottom-right to a fixed square canvas."""
 
+import os
+
 import PIL.Image
 import PIL.ImageOps
 import torch
 from torchvision.transforms.v2 import functional as F
-from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_transforms import corners_to_center_format
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    AnnotationFormat,
+    PILImageResampling,
+    SizeDict,
+    validate_annotations,
+)
+from transformers.processing_utils import ImagesKwargs
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 class InvalidImageError(ValueError):
@@ -44,17 +60,8 @@ def _pil_to_tensor(image):
     return F.pil_to_tensor(image.convert("RGB"))
 
 
-def to_rgb_tensor(image):
-    """
-    A `(3, H, W)` float tensor in [0, 1] from a PIL image, a numpy array (`(H, W, C)` or `(H, W)`) or a tensor
-    (`(C, H, W)`, or `(H, W, C)` when the first side cannot be channels).
-
-    PIL images are turned upright by their EXIF orientation (as a viewer shows them) and converted to RGB whatever
-    their mode: grayscale, palette, CMYK, 16-bit grayscale (kept 16-bit, not clipped to 8) and transparent images
-    (RGBA, LA, palette with transparency: composited over white). Integer arrays and tensors are read as 8-bit
-    (16-bit for `uint16`, and for `int32` above 255), boolean and float ones as [0, 1]; a fourth channel is alpha.
-    Raises `InvalidImageError` for an image with an empty side.
-    """
+def _channels_first(image):
+    """A `(C, H, W)` tensor with 1, 3 or 4 channels of any image, in its own dtype and value range."""
     if isinstance(image, PIL.Image.Image):
         tensor = _pil_to_tensor(image)
     else:
@@ -70,109 +77,254 @@ def to_rgb_tensor(image):
         raise ValueError(f"Expected an image with 1, 3 or 4 channels, got shape {tuple(tensor.shape)}.")
     if 0 in tensor.shape:
         raise InvalidImageError(f"Image has an empty side: (channels, height, width) = {tuple(tensor.shape)}.")
+    return tensor
+
+
+def _to_unit_range(tensor, rescale_factor=1 / 255):
+    """Integer pixels to floats in [0, 1] by their bit depth (8-bit ones by `rescale_factor`); floats as they are."""
     if tensor.dtype == torch.uint16 or (tensor.dtype == torch.int32 and tensor.max() > 255):
-        tensor = tensor.float() / 65535.0
-    elif tensor.dtype == torch.bool:
-        tensor = tensor.float()
-    elif not tensor.is_floating_point():
-        tensor = tensor.float() / 255.0
-    tensor = tensor.float().nan_to_num(0.0).clamp(0, 1)
+        return tensor.float() / 65535.0
+    if tensor.dtype == torch.bool:
+        return tensor.float()
+    if not tensor.is_floating_point():
+        return tensor.float() * rescale_factor
+    return tensor.float()
+
+
+def _to_rgb(tensor):
+    """`(C, H, W)` in [0, 1] with 1, 3 or 4 channels -> `(3, H, W)`; a fourth channel is alpha, shown over white."""
     if tensor.shape[0] == 4:
         return tensor[:3] * tensor[3:] + (1 - tensor[3:])
     return tensor if tensor.shape[0] == 3 else tensor.expand(3, -1, -1).clone()
 
 
-class Pix2SeqImageProcessor(BaseImageProcessor):
+def to_rgb_tensor(image):
+    """
+    A `(3, H, W)` float tensor in [0, 1] from a PIL image, a numpy array (`(H, W, C)` or `(H, W)`) or a tensor
+    (`(C, H, W)`, or `(H, W, C)` when the first side cannot be channels).
+
+    PIL images are turned upright by their EXIF orientation (as a viewer shows them) and converted to RGB whatever
+    their mode: grayscale, palette, CMYK, 16-bit grayscale (kept 16-bit, not clipped to 8) and transparent images
+    (RGBA, LA, palette with transparency: composited over white). Integer arrays and tensors are read as 8-bit
+    (16-bit for `uint16`, and for `int32` above 255), boolean and float ones as [0, 1]; a fourth channel is alpha.
+    Raises `InvalidImageError` for an image with an empty side.
+    """
+    return _to_rgb(_to_unit_range(_channels_first(image)).nan_to_num(0.0).clamp(0, 1))
+
+
+class Pix2SeqImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
-    Prepares images (and optionally COCO annotations) for Pix2Seq.
-
-    Every image is converted to RGB in [0, 1], resized so that its longest side is `image_size` (aspect ratio kept),
-    padded at the bottom and right to an `image_size` x `image_size` canvas with `pad_value`, and optionally
-    normalised. All images therefore share one shape and batch together.
-
-    Args:
-        image_size (`int`, *optional*, defaults to 640): side of the square canvas.
-        pad_value (`float`, *optional*, defaults to 0.3): canvas value in [0, 1] pixel space (the official 0.3).
-        do_normalize (`bool`, *optional*, defaults to `False`): subtract `image_mean` and divide by `image_std`
-            after padding. The official model takes [0, 1] pixels; timm ImageNet backbones expect normalisation.
-        image_mean (`list[float]`, *optional*, defaults to the ImageNet mean), image_std (`list[float]`, *optional*,
-            defaults to the ImageNet std).
+    format (`str`, *optional*, defaults to `"coco_detection"`):
+        Format of the annotations; only `"coco_detection"` (Pix2Seq detects boxes, it has no panoptic head).
+    do_convert_annotations (`bool`, *optional*, defaults to `True`):
+        Write the boxes of `labels` as `(center_x, center_y, width, height)` normalised to the padded canvas, what
+        the model trains on; otherwise as `(x_min, y_min, x_max, y_max)` in pixels of the processed image.
+    pad_value (`float`, *optional*, defaults to 0.3):
+        Value of the canvas around the image, in rescaled pixels (before normalisation): the official 0.3.
     """
 
+    format: str | AnnotationFormat
+    do_convert_annotations: bool
+    pad_value: float
+
+
+class Pix2SeqImageProcessor(TorchvisionBackend):
+    r"""
+    Prepares images (and optionally COCO annotations) for Pix2Seq, on transformers' image-processor conventions.
+
+    Every image is converted to RGB, rescaled to [0, 1], resized with its aspect ratio kept so that its longest side
+    is the canvas side `S` (bilinear, antialiased), padded at the bottom and right to an `S` x `S` canvas with
+    `pad_value`, and optionally normalised. All images therefore share one shape and batch together, and a box
+    normalised to the canvas maps back to original pixels by `max(height, width)`.
+
+    Args:
+        size (`dict[str, int]` or `int`, *optional*, defaults to `{"longest_edge": 640}`):
+            The canvas: `{"longest_edge": S}`, or `{"max_height": S, "max_width": S}` as the transformers detection
+            example passes it; an `int` is read as the longest edge. Folders saved with an `image_size` setting
+            are read as `{"longest_edge": image_size}`.
+        do_resize (`bool`, *optional*, defaults to `True`):
+            Resize the longest side to `S`. Without it the image is only padded (it must fit the canvas), e.g. for
+            training crops that an augmentation already scaled.
+        resample (`PILImageResampling`, *optional*, defaults to `BILINEAR`):
+            Resampling filter of the resize (always antialiased, as the official preprocessing).
+        do_rescale (`bool`, *optional*, defaults to `True`):
+            Rescale integer pixels to [0, 1]: 8-bit ones by `rescale_factor`, 16-bit ones by 1 / 65535. Float images
+            are taken to be in [0, 1] already; values outside are clipped, with a warning. Without it, pixel values
+            are used as they are.
+        rescale_factor (`float`, *optional*, defaults to 1 / 255):
+            Factor of the 8-bit rescale.
+        do_normalize (`bool`, *optional*, defaults to `False`):
+            Subtract `image_mean` and divide by `image_std` after padding. The official model takes [0, 1] pixels;
+            timm ImageNet backbones expect normalisation.
+        image_mean (`list[float]`, *optional*, defaults to the ImageNet mean):
+            Mean of the normalisation.
+        image_std (`list[float]`, *optional*, defaults to the ImageNet std):
+            Standard deviation of the normalisation.
+        do_pad (`bool`, *optional*, defaults to `True`):
+            Pad to the `S` x `S` canvas. `pad_size`, if given, must be that canvas.
+        pad_value (`float`, *optional*, defaults to 0.3):
+            Value of the canvas around the image, in rescaled pixels (before normalisation).
+        format (`str`, *optional*, defaults to `"coco_detection"`):
+            Format of the annotations; only COCO detection annotations are supported.
+        do_convert_annotations (`bool`, *optional*, defaults to `True`):
+            Boxes of `labels` as `(center_x, center_y, width, height)` normalised to the canvas (as DETR's processor
+            writes them, and as the model trains on them); otherwise `(x_min, y_min, x_max, y_max)` in pixels of the
+            processed image.
+    """
+
+    valid_kwargs = Pix2SeqImageProcessorKwargs
     model_input_names = ["pixel_values"]
+    size = {"longest_edge": 640}
+    default_to_square = False
+    do_resize = True
+    resample = PILImageResampling.BILINEAR
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = False
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    do_pad = True
+    pad_value = 0.3
+    format = AnnotationFormat.COCO_DETECTION
+    do_convert_annotations = True
 
-    def __init__(
-        self,
-        image_size=640,
-        pad_value=0.3,
-        do_normalize=False,
-        image_mean=(0.485, 0.456, 0.406),
-        image_std=(0.229, 0.224, 0.225),
-        **kwargs,
-    ):
+    def __init__(self, **kwargs):
+        # Folders saved before the transformers conventions hold the canvas side as `image_size`.
+        image_size = kwargs.pop("image_size", None)
+        if image_size is not None and kwargs.get("size") is None:
+            kwargs["size"] = {"longest_edge": image_size}
         super().__init__(**kwargs)
-        self.image_size = image_size
-        self.pad_value = pad_value
-        self.do_normalize = do_normalize
-        self.image_mean = list(image_mean)
-        self.image_std = list(image_std)
 
-    def resize_and_pad(self, image):
-        """`(3, H, W)` in [0, 1] -> `(3, S, S)` canvas; returns it with the scale applied to the image."""
-        height, width = image.shape[-2:]
-        scale = self.image_size / max(height, width)
-        new_size = [max(1, round(height * scale)), max(1, round(width * scale))]
-        image = F.resize(image, new_size, antialias=True).clamp(0, 1)
-        padding = [0, 0, self.image_size - new_size[1], self.image_size - new_size[0]]  # left, top, right, bottom
-        return F.pad(image, padding, fill=self.pad_value), scale
+    @property
+    def image_size(self):
+        """The side of the square canvas."""
+        return canvas_side(self.size)
 
-    def preprocess(self, images, annotations=None, return_tensors=None, **kwargs):
-        """
+    @image_size.setter
+    def image_size(self, value):
+        self.size = SizeDict(longest_edge=value)
+
+    def _standardize_kwargs(self, size=None, pad_size=None, **kwargs):
+        if isinstance(size, int):
+            size = {"longest_edge": size}
+        kwargs = super()._standardize_kwargs(size=size, pad_size=pad_size, **kwargs)
+        side = canvas_side(kwargs["size"])
+        if kwargs["pad_size"] is not None and (kwargs["pad_size"].height, kwargs["pad_size"].width) != (side, side):
+            raise ValueError(
+                f"Pix2Seq pads to the square canvas of `size` ({side} x {side}); "
+                f"got pad_size={dict(kwargs['pad_size'])}."
+            )
+        return kwargs
+
+    def _prepare_images_structure(self, images, expected_ndims=3):
+        """One image or a list of them (PIL images, file paths, arrays, tensors), or a 4-D batch."""
+        if isinstance(images, (list, tuple)) or getattr(images, "ndim", 0) == expected_ndims + 1:
+            images = list(images)
+        else:
+            images = [images]
+        return [load_image(image) if isinstance(image, (str, os.PathLike)) else image for image in images]
+
+    def process_image(self, image, do_rescale=None, rescale_factor=None, device=None, **kwargs):
+        """One image of any supported kind -> `(3, H, W)` float tensor, rescaled to [0, 1] with `do_rescale`."""
+        tensor = _channels_first(image)
+        if do_rescale:
+            if tensor.is_floating_point() and tensor.isfinite().any():
+                finite = tensor[tensor.isfinite()]
+                if finite.min() < 0 or finite.max() > 1:
+                    logger.warning_once(
+                        "Pix2SeqImageProcessor got a float image with values outside [0, 1]. Float images are taken "
+                        "to be rescaled already, so these values are clipped: was it rescaled? Pass 0-255 pixels as "
+                        "integers (e.g. uint8) to have them rescaled by `rescale_factor`, or `do_rescale=False` to "
+                        "keep the values as they are."
+                    )
+            tensor = _to_unit_range(tensor, rescale_factor).nan_to_num(0.0).clamp(0, 1)
+        else:
+            tensor = tensor.float()
+        tensor = _to_rgb(tensor)
+        return tensor if device is None else tensor.to(device)
+
+    def preprocess(self, images, annotations=None, **kwargs):
+        r"""
         Args:
-            images: one image or a list (PIL, numpy or torch).
-            annotations (`dict` or `list[dict]`, *optional*): COCO-style per image, `{"image_id": int,
-                "annotations": [{"bbox": [x, y, w, h], "category_id": int, "iscrowd": 0}, ...]}` in original pixels.
+            images: one image or a list (PIL images, file paths, numpy arrays, tensors).
+            annotations (`dict` or `list[dict]`, *optional*):
+                COCO detection annotations per image, in original pixels: `{"image_id": int, "annotations":
+                [{"bbox": [x, y, w, h], "category_id": int, "iscrowd": 0, "area": float}, ...]}` (`iscrowd` and
+                `area` are optional).
+            **kwargs: any setting of the processor (see the class docstring) for this call, and `return_tensors`
+                (`"pt"` or `"np"`).
 
         Returns:
-            `BatchFeature` with `pixel_values` `(B, 3, S, S)` and, with annotations, `labels`: one dict per image with
-            `boxes` (xyxy, normalised to the padded canvas), `class_labels`, `image_id`, `orig_size` (h, w) and
-            `num_dropped` (boxes dropped as crowd or empty after clipping to the image).
+            `BatchFeature` with `pixel_values` `(B, 3, S, S)` and, with annotations, `labels`: one dict per image
+            with `class_labels`, `boxes` (see `do_convert_annotations`), `area`, `iscrowd`, `image_id`, `orig_size`
+            and `size` (both `(height, width)`). Crowd boxes and boxes left empty once clipped to the image are
+            dropped.
         """
-        single = not isinstance(images, (list, tuple))
-        images = [images] if single else list(images)
-        tensors = [to_rgb_tensor(image) for image in images]
-        pixel_values = torch.stack([self.resize_and_pad(image)[0] for image in tensors])
-        if self.do_normalize:
-            pixel_values = F.normalize(pixel_values, self.image_mean, self.image_std)
-        data = {"pixel_values": pixel_values}
+        return super().preprocess(images, annotations, **kwargs)
+
+    def _preprocess(
+        self,
+        images,
+        annotations,
+        do_resize,
+        size,
+        resample,
+        do_rescale,
+        rescale_factor,
+        do_normalize,
+        image_mean,
+        image_std,
+        do_pad,
+        pad_value,
+        format,
+        do_convert_annotations,
+        return_tensors,
+        **kwargs,
+    ):
         if annotations is not None:
             annotations = [annotations] if isinstance(annotations, dict) else list(annotations)
             if len(annotations) != len(images):
                 raise ValueError(f"Got {len(images)} images but {len(annotations)} annotations.")
-            data["labels"] = [
-                self.prepare_annotation(annotation, image.shape[-2:]) for annotation, image in zip(annotations, tensors)
-            ]
-        return BatchFeature(data=data)
+            format = AnnotationFormat(format)
+            if format != AnnotationFormat.COCO_DETECTION:
+                raise ValueError(f"Pix2Seq detects boxes: annotation format {format.value!r} is not supported.")
+            validate_annotations(format, (AnnotationFormat.COCO_DETECTION,), annotations)
+        side = canvas_side(size)
+        pixel_values, labels = [], []
+        for index, image in enumerate(images):
+            height, width = image.shape[-2:]
+            scale = side / max(height, width) if do_resize else 1.0
+            if do_resize:
+                new_size = SizeDict(height=max(1, round(height * scale)), width=max(1, round(width * scale)))
+                image = self.resize(image, new_size, resample=resample)
+            if do_pad:
+                if max(image.shape[-2:]) > side:
+                    raise ValueError(
+                        f"An image of {tuple(image.shape[-2:])} pixels does not fit the {side} x {side} canvas: "
+                        "resize it (`do_resize=True`) or give a larger `size`."
+                    )
+                image = F.pad(image, [0, 0, side - image.shape[-1], side - image.shape[-2]], fill=pad_value)
+            if do_normalize:
+                image = F.normalize(image, image_mean, image_std)
+            pixel_values.append(image)
+            if annotations is not None:
+                target = coco_detection_target(annotations[index], height, width)
+                labels.append(self._target_on_canvas(target, scale, image.shape[-2:], side, do_convert_annotations))
+        if all(image.shape == pixel_values[0].shape for image in pixel_values):
+            pixel_values = torch.stack(pixel_values)
+        data = BatchFeature({"pixel_values": pixel_values}, tensor_type=return_tensors)
+        if annotations is not None:
+            data["labels"] = [BatchFeature(target, tensor_type=return_tensors) for target in labels]
+        return data
 
     @staticmethod
-    def prepare_annotation(annotation, image_size):
-        """COCO xywh pixel boxes -> xyxy boxes normalised to the padded canvas, clipped, crowd and empty ones dropped."""
-        height, width = int(image_size[0]), int(image_size[1])
-        objects = annotation.get("annotations", [])
-        boxes = torch.tensor([obj["bbox"] for obj in objects], dtype=torch.float32).reshape(-1, 4)
-        labels = torch.tensor([obj["category_id"] for obj in objects], dtype=torch.long)
-        crowd = torch.tensor([bool(obj.get("iscrowd", 0)) for obj in objects], dtype=torch.bool)
-        xyxy = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
-        xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)
-        xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
-        keep = ~crowd & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
-        return {
-            "boxes": xyxy[keep] / max(height, width),
-            "class_labels": labels[keep],
-            "image_id": annotation.get("image_id"),
-            "orig_size": torch.tensor([height, width]),
-            "num_dropped": int((~keep).sum()),
-        }
+    def _target_on_canvas(target, scale, image_size, side, do_convert_annotations):
+        """Original-pixel xyxy boxes -> the processed image: normalised cxcywh on the canvas, or xyxy pixels."""
+        boxes = target["boxes"] * scale
+        target = dict(target, boxes=boxes, area=target["area"] * scale**2, size=torch.tensor(list(image_size)))
+        if do_convert_annotations:
+            target["boxes"] = corners_to_center_format(boxes) / side
+        return target
 
     def post_process_object_detection(self, outputs, threshold=0.5, target_sizes=None):
         """
@@ -183,7 +335,8 @@ class Pix2SeqImageProcessor(BaseImageProcessor):
         slot) or its box is empty once clipped (e.g. it lies wholly in the padding). Scores are clipped to [0, 1].
 
         Args:
-            outputs: the model's output with `pred_boxes` (normalised to the canvas), `pred_scores`, `pred_labels`.
+            outputs: the model's output with `pred_canvas_boxes` (xyxy normalised to the canvas), `pred_scores` and
+                `pred_labels`.
             threshold (`float`): keep detections whose score is above it.
             target_sizes (`torch.Tensor` of shape `(B, 2)` or list of `(height, width)`, *optional*): original image
                 sizes. Boxes are then in original pixels (clipped to the image); without them, normalised to the
@@ -193,12 +346,13 @@ class Pix2SeqImageProcessor(BaseImageProcessor):
             `list[dict]`, one per image, with `scores`, `labels` and `boxes` (xyxy) tensors sorted by score; every
             box satisfies `0 <= x_min < x_max <= width` and `0 <= y_min < y_max <= height`.
         """
-        batch_size = outputs.pred_boxes.shape[0]
+        canvas_boxes = outputs.pred_canvas_boxes
+        batch_size = canvas_boxes.shape[0]
         if target_sizes is not None and len(target_sizes) != batch_size:
             raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {batch_size} images.")
         results = []
         for index in range(batch_size):
-            boxes, scores = outputs.pred_boxes[index].float(), outputs.pred_scores[index].float()
+            boxes, scores = canvas_boxes[index].float(), outputs.pred_scores[index].float()
             labels = outputs.pred_labels[index]
             height, width = (float(v) for v in target_sizes[index]) if target_sizes is not None else (1.0, 1.0)
             x = boxes[:, 0::2].sort(dim=-1).values * max(height, width)
@@ -209,7 +363,7 @@ class Pix2SeqImageProcessor(BaseImageProcessor):
                 (labels >= 0)
                 & (scores > threshold)
                 & scores.isfinite()
-                & outputs.pred_boxes[index].isfinite().all(dim=-1)
+                & canvas_boxes[index].isfinite().all(dim=-1)
                 & (x[:, 1] > x[:, 0])
                 & (y[:, 1] > y[:, 0])
             )
@@ -217,6 +371,40 @@ class Pix2SeqImageProcessor(BaseImageProcessor):
             order = torch.argsort(scores, descending=True)
             results.append({"scores": scores[order], "labels": labels[keep][order], "boxes": boxes[keep][order]})
         return results
+
+
+def canvas_side(size):
+    """The side of the square canvas that a `size` setting describes; raises for a size that is no square canvas."""
+    size = dict(size)
+    if set(size) == {"longest_edge"}:
+        return size["longest_edge"]
+    if set(size) == {"max_height", "max_width"} and size["max_height"] == size["max_width"]:
+        return size["max_height"]
+    raise ValueError(
+        f"Pix2Seq resizes the longest side onto a square canvas: `size` must be {{'longest_edge': S}} or "
+        f"{{'max_height': S, 'max_width': S}}, got {size}."
+    )
+
+
+def coco_detection_target(annotation, height, width):
+    """COCO xywh pixel boxes -> xyxy pixel boxes clipped to the image; crowd boxes and empty ones dropped."""
+    objects = annotation.get("annotations", [])
+    boxes = torch.tensor([obj["bbox"] for obj in objects], dtype=torch.float32).reshape(-1, 4)
+    classes = torch.tensor([obj["category_id"] for obj in objects], dtype=torch.long)
+    crowd = torch.tensor([bool(obj.get("iscrowd", 0)) for obj in objects], dtype=torch.bool)
+    area = torch.tensor([obj.get("area", obj["bbox"][2] * obj["bbox"][3]) for obj in objects], dtype=torch.float32)
+    xyxy = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
+    xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)
+    xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
+    keep = ~crowd & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+    return {
+        "image_id": torch.tensor([annotation["image_id"]]),
+        "class_labels": classes[keep],
+        "boxes": xyxy[keep],
+        "area": area[keep],
+        "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.long),
+        "orig_size": torch.tensor([height, width]),
+    }
 
 
 Pix2SeqImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -395,9 +395,9 @@ def main(argv=None):
 
     train_dataset = None
     if train_split is not None:
-        augmentation = TrainAugmentation(model.config.image_size, min_scale, max_scale, pad_value=image_processor.pad_value)
+        augmentation = TrainAugmentation(model.config.image_size, min_scale, max_scale)
         # More objects than `max_instances`: the tokenizer shuffles them and keeps the first ones (a random subset).
-        transform = TrainTransform(image_processor, model.tokenizer.build_training_sequence, augmentation, reader)
+        transform = TrainTransform(image_processor, model.tokenizer.encode_target, augmentation, reader)
         train_dataset = train_stream(train_split, transform, seed=training_args.seed,
                                      shuffle_buffer_size=data_args.shuffle_buffer_size)
     callbacks = [NonFiniteLossCallback()]

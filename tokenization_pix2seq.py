@@ -4,73 +4,63 @@ This is deliberately a plain class and not an `AutoTokenizer`: a tokenizer that 
 `pipeline("object-detection")` down its LayoutLM branch. Every setting lives in `config.json`.
 """
 
+import inspect
+
 import torch
+from transformers.image_transforms import center_to_corners_format
+
+
+# Relative import for a saved model folder (`trust_remote_code`); the fallback for the repository root.
+try:
+    from .configuration_pix2seq import Pix2SeqConfig
+except ImportError:
+    from configuration_pix2seq import Pix2SeqConfig
+
+
+# The configuration settings the tokenizer reads (besides the class indices, the keys of `id2label`).
+SETTINGS = (
+    "num_bins",
+    "max_instances",
+    "pad_token_id",
+    "task_token_id",
+    "fake_class_token_id",
+    "class_token_offset",
+    "coord_token_offset",
+    "random_object_order",
+    "noise_objects",
+    "class_label_corruption",
+    "noise_class_weight",
+    "eos_token_weight",
+    "eos_mode",
+)
 
 
 class Pix2SeqTokenizer:
     r"""
     Turns boxes and class indices into Pix2Seq token sequences and generated tokens back into detections.
 
-    Boxes are `(x_min, y_min, x_max, y_max)` normalised to the padded square canvas, as produced by
-    `Pix2SeqImageProcessor`. Each object is written as the tokens of `y_min, x_min, y_max, x_max, class` with
-    `bin = round(v * (num_bins - 1))`, the official "yxyx_name" format.
+    Boxes are `(x_min, y_min, x_max, y_max)` normalised to the padded square canvas. Each object is written as the
+    tokens of `y_min, x_min, y_max, x_max, class` with `bin = round(v * (num_bins - 1))`, the official "yxyx_name"
+    format.
 
     Args:
         class_ids (`list[int]`): the class indices of the label set (keys of `id2label`).
-        Every other argument has the meaning documented in `Pix2SeqConfig`.
+        **settings: any of `SETTINGS`, with the meaning and the default documented in `Pix2SeqConfig`.
     """
 
-    def __init__(
-        self,
-        class_ids,
-        num_bins=1000,
-        max_instances=100,
-        pad_token_id=0,
-        task_token_id=10,
-        fake_class_token_id=30,
-        class_token_offset=100,
-        coord_token_offset=1000,
-        random_object_order=True,
-        noise_objects=True,
-        class_label_corruption="rand_n_fake_cls",
-        noise_class_weight=1.0,
-        eos_token_weight=0.1,
-        eos_mode=False,
-    ):
+    def __init__(self, class_ids, **settings):
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise TypeError(f"Unknown tokenizer settings {unknown}; the settings are {SETTINGS}.")
+        defaults = inspect.signature(Pix2SeqConfig.__init__).parameters
+        for name in SETTINGS:
+            setattr(self, name, settings.get(name, defaults[name].default))
         # Explicitly on the CPU: models are built under a meta-device context by `from_pretrained`.
         self.class_ids = torch.tensor(sorted(class_ids), dtype=torch.long, device="cpu")
-        self.num_bins = num_bins
-        self.max_instances = max_instances
-        self.pad_token_id = pad_token_id
-        self.task_token_id = task_token_id
-        self.fake_class_token_id = fake_class_token_id
-        self.class_token_offset = class_token_offset
-        self.coord_token_offset = coord_token_offset
-        self.random_object_order = random_object_order
-        self.noise_objects = noise_objects
-        self.class_label_corruption = class_label_corruption
-        self.noise_class_weight = noise_class_weight
-        self.eos_token_weight = eos_token_weight
-        self.eos_mode = eos_mode
 
     @classmethod
     def from_config(cls, config):
-        return cls(
-            class_ids=list(config.id2label),
-            num_bins=config.num_bins,
-            max_instances=config.max_instances,
-            pad_token_id=config.pad_token_id,
-            task_token_id=config.task_token_id,
-            fake_class_token_id=config.fake_class_token_id,
-            class_token_offset=config.class_token_offset,
-            coord_token_offset=config.coord_token_offset,
-            random_object_order=config.random_object_order,
-            noise_objects=config.noise_objects,
-            class_label_corruption=config.class_label_corruption,
-            noise_class_weight=config.noise_class_weight,
-            eos_token_weight=config.eos_token_weight,
-            eos_mode=config.eos_mode,
-        )
+        return cls(list(config.id2label), **{name: getattr(config, name) for name in SETTINGS})
 
     @property
     def class_token_ids(self):
@@ -147,6 +137,20 @@ class Pix2SeqTokenizer:
             "labels": torch.nn.functional.pad(targets, (0, padding), value=self.pad_token_id),
             "token_weights": torch.nn.functional.pad(weights, (0, padding), value=self.eos_token_weight),
         }
+
+    def encode_target(self, target, generator=None):
+        """
+        `build_training_sequence` of one per-image target as `Pix2SeqImageProcessor` writes it: `class_labels` and
+        `boxes` as `(center_x, center_y, width, height)` normalised to the canvas.
+        """
+        boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device="cpu").reshape(-1, 4)
+        labels = torch.as_tensor(target["class_labels"], device="cpu")
+        return self.build_training_sequence(center_to_corners_format(boxes), labels, generator)
+
+    def build_training_batch(self, targets, generator=None):
+        """`encode_target` of every target, stacked: `(batch_size, sequence_length)` tensors."""
+        sequences = [self.encode_target(target, generator) for target in targets]
+        return {key: torch.stack([sequence[key] for sequence in sequences]) for key in sequences[0]}
 
     def noise_boxes(self, boxes, num_noise, generator=None):
         """

@@ -71,9 +71,9 @@ class DetrTrainer(run_detection.DetectionTrainer):
         return results
 
 
-def detr_targets(boxes, labels):
-    centre, size = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]
-    return {"labels": {"class_labels": labels, "boxes": torch.cat([centre, size], dim=1)}}
+def detr_targets(label):
+    # The processor's labels are DETR's targets already: cxcywh boxes normalised to the canvas.
+    return {"labels": {"class_labels": label["class_labels"], "boxes": label["boxes"]}}
 
 
 def collate_detr(examples):
@@ -98,7 +98,7 @@ def run_detr(args):
     model = DetrForObjectDetection(config)
     processor = Pix2SeqImageProcessor(image_size=args.image_size, do_normalize=True)
     reader = ImageReader()
-    transform = TrainTransform(processor, detr_targets, TrainAugmentation(args.image_size, pad_value=processor.pad_value), reader)
+    transform = TrainTransform(processor, detr_targets, TrainAugmentation(args.image_size), reader)
     trainer = DetrTrainer(
         model=model, args=training_args, train_dataset=train_stream(train, transform, seed=training_args.seed),
         eval_dataset=evaluation.dataset, processing_class=processor, data_collator=collate_detr,

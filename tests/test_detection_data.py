@@ -144,7 +144,9 @@ def test_stream_skips_a_bad_record_and_continues(tmp_path):
     folder, path = write_coco(tmp_path, images, annotations)
     (folder / "3.png").write_bytes(b"garbage")
     reader = ImageReader()
-    transform = TrainTransform(Pix2SeqImageProcessor(image_size=32), tokenizer().build_training_sequence, TrainAugmentation(32), reader)
+    transform = TrainTransform(
+        Pix2SeqImageProcessor(image_size=32), tokenizer().encode_target, TrainAugmentation(32), reader
+    )
     examples = list(train_stream(coco_split(folder, path, train=True), transform, batch_size=2))
     assert len(examples) == 3
     assert reader.num_skipped == 1
@@ -171,7 +173,7 @@ def test_scale_jitter_and_crop_keep_boxes_on_the_canvas():
     boxes = torch.tensor([[0.0, 0.0, 80.0, 48.0], [10.0, 10.0, 30.0, 40.0], [60.0, 5.0, 79.0, 20.0]])
     for _ in range(20):
         canvas, out, labels = augmentation(image, boxes, torch.tensor([0, 1, 2]))
-        assert canvas.shape == (3, 64, 64)
+        assert canvas.shape[0] == 3 and max(canvas.shape[1:]) <= 64
         assert len(out) == len(labels) <= 3
         assert (out >= 0).all() and (out <= 64).all()
         assert (out[:, 2:] > out[:, :2]).all()

@@ -1,11 +1,15 @@
+import logging
 import math
 
 import pytest
 import torch
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as transformers_logging
 
 from testing_utils import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection
 from test_generation import cpu_compile_config
+
 
 PATHS = [{}, {"cache_implementation": "static"}]
 
@@ -25,7 +29,16 @@ def test_eos_mode_stops_after_one_token_when_eos_is_certain_at_the_first_object(
     sequences = model.generate(pixel_values, do_sample=False, **path)
     assert sequences.tolist() == [[model.config.task_token_id, model.config.pad_token_id]] * 3
     detections = model.detect(pixel_values, do_sample=False, **path)
-    assert detections.pred_boxes.shape == (3, 0, 4)
+    assert detections.pred_canvas_boxes.shape == (3, 0, 4)
+
+
+def test_batched_generation_with_pad_equal_to_eos_logs_no_attention_mask_warning():
+    model = model_with_eos_bias(eos_mode=True, eos_bias=0.0)
+    # `warning_once` remembers what it said in this process.
+    logging.Logger.warning_once.cache_clear()
+    with CaptureLogger(transformers_logging.get_logger("transformers.generation.utils")) as captured:
+        model.generate(torch.rand(2, 3, 64, 64), do_sample=False)
+    assert captured.out == ""
 
 
 @pytest.mark.parametrize("path", PATHS, ids=["generation_mixin", "static"])
@@ -42,7 +55,7 @@ def test_eos_mode_batch_runs_until_its_last_sequence_ends_and_pads_the_ended_one
     # every object start: the sequences end at different objects.
     model = model_with_eos_bias(eos_mode=True, eos_bias=math.log(tiny_config().num_bins), max_instances=12)
     pad = model.config.pad_token_id
-    tokens = model.generate(torch.rand(8, 3, 64, 64), top_p=1.0, **path)[:, 1:]
+    tokens = model.generate(torch.rand(8, 3, 64, 64), do_sample=True, top_p=1.0, **path)[:, 1:]
     ends = [(row == pad).nonzero()[0].item() if (row == pad).any() else None for row in tokens]
     assert len({end for end in ends}) > 1
     for row, end in zip(tokens, ends):
@@ -68,10 +81,8 @@ def test_eos_mode_trains_on_sequences_one_token_longer():
     model = model_with_eos_bias(eos_mode=True, eos_bias=0.0).train()
     example = model.tokenizer.build_training_sequence(torch.tensor([[0.1, 0.2, 0.5, 0.6]]), torch.tensor([1]))
     batch = {key: value.unsqueeze(0) for key, value in example.items()}
-    assert batch["labels"].shape == (1, 5 * model.config.max_instances + 1)
-    assert batch["labels"][0, 5] == model.config.pad_token_id
     output = model(pixel_values=torch.rand(1, 3, 64, 64), **batch)
-    assert output.logits.shape[1] == model.config.sequence_length
+    assert output.logits.shape[1] == model.config.sequence_length == 5 * model.config.max_instances + 1
     assert torch.isfinite(output.loss)
 
 
@@ -81,9 +92,12 @@ def test_compiled_static_sampling_in_eos_mode_ends_like_eager_sampling_with_the_
     model = model_with_eos_bias(eos_mode=True, eos_bias=math.log(tiny_config().num_bins), max_instances=12)
     pixel_values = torch.rand(8, 3, 64, 64)
     torch.manual_seed(1)
-    eager = model.generate(pixel_values, top_p=1.0, cache_implementation="static")
+    eager = model.generate(pixel_values, do_sample=True, top_p=1.0, cache_implementation="static")
     torch.manual_seed(1)
-    compiled = model.generate(pixel_values, top_p=1.0, cache_implementation="static", compile_config=cpu_compile_config("aot_eager"))
+    compiled = model.generate(
+        pixel_values, do_sample=True, top_p=1.0, cache_implementation="static",
+        compile_config=cpu_compile_config("aot_eager"),
+    )
     assert (eager[:, 6:] == model.config.pad_token_id).any(), "some sequence must end inside a compiled step"
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 

@@ -1,26 +1,25 @@
+import json
+
+import PIL.Image
 import pytest
 import safetensors.torch
 import timm
 import torch
 
-from testing_utils import tiny_config
-from modeling_pix2seq import Pix2SeqForObjectDetection, Pix2SeqModel, Pix2SeqObjectDetectionOutput
+from testing_utils import Pix2SeqModelTester, tiny_config
+from image_processing_pix2seq import Pix2SeqImageProcessor
+from modeling_pix2seq import Pix2SeqConfig, Pix2SeqForObjectDetection, Pix2SeqModel, Pix2SeqObjectDetectionOutput
 
 
-def training_batch(model, batch_size=2):
-    generator = torch.Generator().manual_seed(0)
-    sequences = [
-        model.tokenizer.build_training_sequence(torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.3, 0.1, 0.9, 0.4]]), torch.tensor([0, 2]), generator)
-        for _ in range(batch_size)
-    ]
-    batch = {key: torch.stack([s[key] for s in sequences]) for key in sequences[0]}
-    batch["pixel_values"] = torch.rand(batch_size, 3, model.config.image_size, model.config.image_size, generator=generator)
-    return batch
+@pytest.fixture
+def tester():
+    return Pix2SeqModelTester()
 
 
-def test_loss_is_the_token_weighted_mean_cross_entropy(config):
+def test_loss_is_the_token_weighted_mean_cross_entropy(tester):
+    config = tester.get_config()
     model = Pix2SeqForObjectDetection(config).eval()
-    batch = training_batch(model)
+    batch = tester.prepare_token_inputs(model)
     outputs = model(**batch)
     assert outputs.logits.shape == (2, config.sequence_length, config.vocab_size)
     cross_entropy = torch.nn.functional.cross_entropy(outputs.logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
@@ -32,9 +31,36 @@ def test_loss_is_the_token_weighted_mean_cross_entropy(config):
     torch.testing.assert_close(model(**changed).loss, outputs.loss)
 
 
-def test_labels_alone_are_shifted_behind_the_task_token(config):
+def test_processor_labels_train_the_model_as_detr_labels_do(tester):
+    """`model(**processor(images, annotations=...)).loss`: the tokenizer builds the sequences inside `forward`."""
+    config = tester.get_config()
+    model = Pix2SeqForObjectDetection(config).train()
+    processor = Pix2SeqImageProcessor(size={"longest_edge": config.image_size})
+    annotations = [
+        {"image_id": 1, "annotations": [{"bbox": [10, 5, 30, 20], "category_id": 1}]},
+        {
+            "image_id": 2,
+            "annotations": [{"bbox": [0, 0, 8, 8], "category_id": 2}, {"bbox": [4, 2, 9, 9], "category_id": 0}],
+        },
+    ]
+    images = [PIL.Image.new("RGB", (80, 50), (200, 30, 30)), PIL.Image.new("RGB", (20, 40))]
+    inputs = processor(images=images, annotations=annotations, return_tensors="pt")
+    torch.manual_seed(3)
+    loss = model(**inputs).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.lm_head.weight.grad.abs().sum() > 0
+    # The same sequences built beforehand (what a data pipeline does) give the same loss.
+    torch.manual_seed(3)
+    tokens = model.tokenizer.build_training_batch(inputs["labels"])
+    torch.testing.assert_close(model(pixel_values=inputs["pixel_values"], **tokens).loss, loss)
+    with pytest.raises(ValueError, match="token labels"):
+        model(**inputs, decoder_input_ids=tokens["decoder_input_ids"])
+
+
+def test_labels_alone_are_shifted_behind_the_task_token(tester):
+    config = tester.get_config()
     model = Pix2SeqForObjectDetection(config).eval()
-    batch = training_batch(model)
+    batch = tester.prepare_token_inputs(model)
     labels = batch["labels"]
     explicit = torch.nn.functional.pad(labels[:, :-1], (1, 0), value=config.task_token_id)
     torch.testing.assert_close(
@@ -43,25 +69,67 @@ def test_labels_alone_are_shifted_behind_the_task_token(config):
     )
 
 
-def test_backward_reaches_backbone_decoder_and_tied_embedding(config):
+def test_backward_reaches_backbone_decoder_and_tied_embedding(tester):
+    config, inputs = tester.prepare_config_and_inputs()
     model = Pix2SeqForObjectDetection(config).train()
-    model(**training_batch(model)).loss.backward()
+    model(**inputs).loss.backward()
     assert model.model.decoder.embed_tokens.weight is model.lm_head.weight
     assert model.lm_head.weight.grad.abs().sum() > 0
     assert model.lm_head.bias.grad.abs().sum() > 0
     assert next(model.model.encoder.backbone.parameters()).grad.abs().sum() > 0
 
 
-def test_save_and_load_give_identical_outputs_and_keep_the_tie(config, tmp_path):
+def test_save_and_load_give_identical_outputs_and_keep_the_tie(tester, tmp_path):
+    config = tester.get_config()
     model = Pix2SeqForObjectDetection(config).eval()
-    batch = training_batch(model)
+    batch = tester.prepare_token_inputs(model)
     model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").exists()
     loaded = Pix2SeqForObjectDetection.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
     assert loaded.lm_head.weight is loaded.model.decoder.embed_tokens.weight
-    assert loaded.generation_config.top_p == 0.4 and loaded.generation_config.top_k == 0
     assert loaded.generation_config.max_new_tokens == 5 * config.max_instances
+
+
+def test_new_models_decode_greedily_and_write_no_sampling_flags(tester, tmp_path):
+    Pix2SeqForObjectDetection(tester.get_config()).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert saved["do_sample"] is False
+    # Sampling flags in a greedy config are what transformers reports as ignored.
+    assert not {"top_p", "top_k", "temperature"} & set(saved)
+
+
+def test_sampled_detections_repeat_and_leave_the_global_random_state_alone(tester):
+    config = tester.get_config()
+    model = Pix2SeqForObjectDetection(config).eval()
+    model.generation_config.update(do_sample=True, top_p=0.4, top_k=0)
+    pixel_values = tester.prepare_pixel_values(config)
+    torch.manual_seed(1)
+    state = torch.random.get_rng_state()
+    first = model.detect(pixel_values)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(2)
+    second = model.detect(pixel_values)
+    assert torch.equal(first.sequences, second.sequences)
+    torch.testing.assert_close(first.pred_scores, second.pred_scores, rtol=0, atol=0)
+    # Generation itself still samples: unseeded calls differ.
+    assert not torch.equal(model.generate(pixel_values, top_p=1.0), model.generate(pixel_values, top_p=1.0))
+
+
+def test_saved_config_holds_no_pretrained_flag_or_local_weights_file(tmp_path):
+    weights_file = tmp_path / "resnet18.safetensors"
+    safetensors.torch.save_file(timm.create_model("resnet18", features_only=True).state_dict(), weights_file)
+    overlay = {"pretrained_cfg_overlay": {"file": str(weights_file)}}
+    model = Pix2SeqForObjectDetection(tiny_config(use_pretrained_backbone=True, backbone_kwargs=overlay))
+    model.save_pretrained(tmp_path / "model")
+    saved = (tmp_path / "model" / "config.json").read_text()
+    assert str(weights_file) not in saved and '"use_pretrained_backbone": true' not in saved
+    # The built model keeps its settings; the saved folder builds and loads with the weights file gone.
+    assert model.config.use_pretrained_backbone and model.config.backbone_kwargs == overlay
+    weights_file.unlink()
+    config = Pix2SeqConfig.from_pretrained(tmp_path / "model")
+    assert not config.use_pretrained_backbone and "pretrained_cfg_overlay" not in config.backbone_kwargs
+    Pix2SeqForObjectDetection._from_config(config)
+    Pix2SeqForObjectDetection.from_pretrained(tmp_path / "model")
 
 
 def test_sincos_coordinate_embeddings_start_smooth_and_survive_loading(tmp_path):
@@ -91,14 +159,16 @@ def test_unknown_coordinate_embedding_init_is_refused():
         tiny_config(coordinate_embedding_init="uniform")
 
 
-def test_base_model_loads_from_a_detection_checkpoint(config, tmp_path):
+def test_base_model_loads_from_a_detection_checkpoint(tester, tmp_path):
+    config = tester.get_config()
     model = Pix2SeqForObjectDetection(config).eval()
     model.save_pretrained(tmp_path)
     base = Pix2SeqModel.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(base.decoder.embed_tokens.weight, model.model.decoder.embed_tokens.weight)
 
 
-def test_batched_generation_equals_one_by_one(config):
+def test_batched_generation_equals_one_by_one(tester):
+    config = tester.get_config()
     model = Pix2SeqForObjectDetection(config).eval()
     pixel_values = torch.rand(3, 3, 64, 64)
     batched = model.generate(pixel_values, do_sample=False)
@@ -106,7 +176,8 @@ def test_batched_generation_equals_one_by_one(config):
     assert torch.equal(batched, single)
 
 
-def test_generation_follows_the_grammar_and_writes_max_instances_objects(config):
+def test_generation_follows_the_grammar_and_writes_max_instances_objects(tester):
+    config = tester.get_config()
     model = Pix2SeqForObjectDetection(config).eval()
     tokens = model.generate(torch.rand(2, 3, 64, 64))[:, 1:]
     assert tokens.shape == (2, 5 * config.max_instances)
@@ -125,11 +196,14 @@ def test_official_top_p_keeps_only_the_top_token_when_it_already_exceeds_p():
     assert torch.isfinite(filtered).tolist() == [[True, True, False]]
 
 
-def test_forward_with_pixel_values_alone_generates_scored_detections(config):
+def test_forward_with_pixel_values_alone_generates_scored_detections(tester):
+    config = tester.get_config()
     model = Pix2SeqForObjectDetection(config).eval()
+    # Greedy decoding of an untrained model repeats one coordinate (empty boxes); the official sampling does not.
+    model.generation_config.update(do_sample=True, top_p=0.4, top_k=0)
     outputs = model(pixel_values=torch.rand(2, 3, 64, 64))
     assert isinstance(outputs, Pix2SeqObjectDetectionOutput)
-    assert outputs.pred_boxes.shape == (2, config.max_instances, 4)
+    assert outputs.pred_canvas_boxes.shape == (2, config.max_instances, 4)
     valid = outputs.pred_labels >= 0
     assert torch.all((outputs.pred_scores[valid] > 0) & (outputs.pred_scores[valid] < 1))
     # Scores are class probabilities, not a constant.
@@ -149,27 +223,22 @@ def test_pretrained_backbone_weights_survive_post_init(tmp_path):
         torch.testing.assert_close(loaded[name], value, msg=name)
 
 
-def test_gradient_checkpointing_gives_the_same_loss(config):
-    model = Pix2SeqForObjectDetection(tiny_config(dropout=0.0, drop_path_rate=0.0)).train()
-    batch = training_batch(model)
-    plain = model(**batch).loss
-    model.activation_checkpointing_enable()
-    torch.testing.assert_close(model(**batch).loss, plain)
-
-
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-def test_attention_implementations_agree(config, implementation):
-    model = Pix2SeqForObjectDetection(config).eval()
-    batch = training_batch(model)
+def test_attention_implementations_agree(tester, implementation):
+    model = Pix2SeqForObjectDetection(tester.get_config()).eval()
+    batch = tester.prepare_token_inputs(model)
     reference = model(**batch).logits
     model.set_attn_implementation(implementation)
     torch.testing.assert_close(model(**batch).logits, reference, rtol=1e-4, atol=1e-4)
 
 
 def test_vit_backbone_runs_without_encoder_layers():
-    config = tiny_config(backbone="vit_tiny_patch16_224", backbone_kwargs={"img_size": 64}, encoder_layers=0)
+    tester = Pix2SeqModelTester(
+        batch_size=1, backbone="vit_tiny_patch16_224", backbone_kwargs={"img_size": 64}, encoder_layers=0
+    )
+    config = tester.get_config()
     model = Pix2SeqForObjectDetection(config).eval()
     assert model.model.encoder.backbone.stride == 16
-    batch = training_batch(model, batch_size=1)
+    batch = tester.prepare_token_inputs(model)
     assert torch.isfinite(model(**batch).loss)
-    assert model(pixel_values=batch["pixel_values"]).pred_boxes.shape == (1, config.max_instances, 4)
+    assert model(pixel_values=batch["pixel_values"]).pred_canvas_boxes.shape == (1, config.max_instances, 4)

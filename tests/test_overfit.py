@@ -29,20 +29,18 @@ def test_tiny_model_overfits_two_images_and_the_pipeline_finds_their_boxes(tmp_p
     torch.manual_seed(0)
     config = tiny_config(d_model=64, decoder_ffn_dim=128, encoder_ffn_dim=128, max_instances=3, dropout=0.0, drop_path_rate=0.0)
     model = Pix2SeqForObjectDetection(config)
-    processor = Pix2SeqImageProcessor(image_size=config.image_size)
+    processor = Pix2SeqImageProcessor(size={"longest_edge": config.image_size})
     images = [draw(size, objects) for size, objects in OBJECTS]
     annotations = [
         {"image_id": i, "annotations": [{"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": c} for x0, y0, x1, y1, c in objects]}
         for i, (_, objects) in enumerate(OBJECTS)
     ]
-    inputs = processor(images, annotations=annotations)
+    # The DETR way: the processor's labels are what the model trains on (fresh augmented sequences every step).
+    inputs = processor(images, annotations=annotations, return_tensors="pt")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
-    generator = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(300):
-        sequences = [model.tokenizer.build_training_sequence(t["boxes"], t["class_labels"], generator) for t in inputs["labels"]]
-        batch = {key: torch.stack([s[key] for s in sequences]) for key in sequences[0]}
-        loss = model(pixel_values=inputs["pixel_values"], **batch).loss
+        loss = model(**inputs).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

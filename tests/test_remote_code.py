@@ -2,6 +2,7 @@
 process that cannot import the repository, offline."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,9 +17,13 @@ from modeling_pix2seq import Pix2SeqForObjectDetection
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
+    """A tiny folder that samples as converted official folders do (greedy decoding of an untrained model finds
+    nothing to check)."""
     folder = tmp_path_factory.mktemp("pix2seq-tiny")
-    Pix2SeqForObjectDetection(tiny_config()).save_pretrained(folder)
-    Pix2SeqImageProcessor(image_size=64).save_pretrained(folder)
+    model = Pix2SeqForObjectDetection(tiny_config())
+    model.generation_config.update(do_sample=True, top_p=0.4, top_k=0)
+    model.save_pretrained(folder)
+    Pix2SeqImageProcessor(size={"longest_edge": 64}).save_pretrained(folder)
     return folder
 
 
@@ -68,7 +73,7 @@ def test_auto_classes_load_the_folder_in_a_fresh_offline_process(model_folder, t
         pixel_values = processor(torch.rand(3, 40, 70))["pixel_values"]
         outputs = model(pixel_values=pixel_values)
         print(config.model_type, type(model).__name__, type(base).__name__, type(processor).__name__)
-        print(tuple(outputs.pred_boxes.shape))
+        print(tuple(outputs.pred_canvas_boxes.shape))
         """,
         model_folder,
         tmp_path,
@@ -116,3 +121,55 @@ def test_pipeline_accepts_a_model_object_and_an_image_processor(model_folder):
     detections = detector(PIL.Image.fromarray(np.zeros((20, 60, 3), dtype=np.uint8)), threshold=0.0)
     assert len(detections) > 0
     assert all(0 <= d["box"]["xmax"] <= 60 and 0 <= d["box"]["ymax"] <= 20 for d in detections)
+
+
+def test_a_transformers_user_gets_the_conventions_a_quiet_reproducible_pipeline_and_a_loss(model_folder, tmp_path):
+    """The issue's "done when", in a process that cannot import the repository, with every log captured."""
+    output = run_isolated(
+        """
+        import json, logging, warnings
+        import numpy as np, PIL.Image, torch
+        from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline
+        from transformers.utils import logging as transformers_logging
+
+        records = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: records.append(f"{record.levelname}: {record.getMessage()[:200]}")
+        transformers_logging.get_logger().addHandler(handler)
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            processor = AutoImageProcessor.from_pretrained(FOLDER, trust_remote_code=True)
+            image = PIL.Image.fromarray(np.random.RandomState(0).randint(0, 255, (50, 80, 3), dtype=np.uint8))
+            as_numpy = processor(image, return_tensors="np")["pixel_values"]
+            small = processor(image, size={"longest_edge": 32}, return_tensors="pt")["pixel_values"]
+            try:
+                processor(image, do_normalise=True)
+                unknown = ""
+            except TypeError as error:
+                unknown = str(error)
+            detector = pipeline("object-detection", model=FOLDER, trust_remote_code=True)
+            torch.manual_seed(1)
+            first = detector(image, threshold=0.0)
+            torch.manual_seed(2)
+            second = detector(image, threshold=0.0)
+            batched = detector([image, image], threshold=0.0, batch_size=2)
+            model = AutoModelForObjectDetection.from_pretrained(FOLDER, trust_remote_code=True)
+            annotations = {"image_id": 0, "annotations": [{"bbox": [10, 5, 30, 20], "category_id": 1}]}
+            loss = model(**processor(images=image, annotations=annotations, return_tensors="pt")).loss
+        print(json.dumps({
+            "numpy": type(as_numpy).__module__, "small": list(small.shape), "unknown": unknown,
+            "first": first, "second": second, "batched": len(batched), "loss": loss.item(),
+            "logs": records, "warnings": [str(w.message)[:200] for w in caught],
+        }))
+        """,
+        model_folder,
+        tmp_path,
+    )
+    result = json.loads(output.strip().splitlines()[-1])
+    assert result["numpy"] == "numpy"
+    assert result["small"] == [1, 3, 32, 32]
+    assert "do_normalise" in result["unknown"]
+    assert result["first"] == result["second"] and len(result["first"]) > 0
+    assert result["batched"] == 2
+    assert math.isfinite(result["loss"]) and result["loss"] > 0
+    assert result["logs"] == [] and result["warnings"] == []

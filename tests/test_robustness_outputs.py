@@ -64,7 +64,7 @@ def test_any_generation_decodes_and_post_processes_to_valid_detections(generatio
     )
 
     outputs = SimpleNamespace(
-        pred_boxes=detections["boxes"], pred_scores=detections["scores"], pred_labels=detections["labels"]
+        pred_canvas_boxes=detections["boxes"], pred_scores=detections["scores"], pred_labels=detections["labels"]
     )
     target_sizes = sizes[: tokens.shape[0]]
     results = PROCESSOR.post_process_object_detection(outputs, threshold=0.0, target_sizes=target_sizes)
@@ -89,7 +89,7 @@ garbage_floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.fl
 )
 def test_post_processing_of_arbitrary_boxes_and_scores_returns_only_valid_detections(rows, size, threshold):
     outputs = SimpleNamespace(
-        pred_boxes=torch.tensor([row[0] for row in rows], dtype=torch.float32).reshape(1, -1, 4),
+        pred_canvas_boxes=torch.tensor([row[0] for row in rows], dtype=torch.float32).reshape(1, -1, 4),
         pred_scores=torch.tensor([row[1] for row in rows], dtype=torch.float32).reshape(1, -1),
         pred_labels=torch.tensor([row[2] for row in rows], dtype=torch.long).reshape(1, -1),
     )
@@ -99,7 +99,7 @@ def test_post_processing_of_arbitrary_boxes_and_scores_returns_only_valid_detect
 
 def one_detection(box, score=0.9, label=3):
     return SimpleNamespace(
-        pred_boxes=torch.tensor([[box]], dtype=torch.float32),
+        pred_canvas_boxes=torch.tensor([[box]], dtype=torch.float32),
         pred_scores=torch.tensor([[score]]),
         pred_labels=torch.tensor([[label]]),
     )

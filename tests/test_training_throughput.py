@@ -1,18 +1,14 @@
 import torch
 
-from testing_utils import tiny_config
+from testing_utils import Pix2SeqModelTester
 from modeling_pix2seq import Pix2SeqForObjectDetection
 
 
+TESTER = Pix2SeqModelTester(dropout=0.0, drop_path_rate=0.0)
+
+
 def deterministic_model():
-    return Pix2SeqForObjectDetection(tiny_config(dropout=0.0, drop_path_rate=0.0)).train()
-
-
-def training_batch(model):
-    example = model.tokenizer.build_training_sequence(torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.3, 0.1, 0.9, 0.4]]), torch.tensor([0, 2]))
-    batch = {key: torch.stack([value, value]) for key, value in example.items()}
-    batch["pixel_values"] = torch.rand(2, 3, model.config.image_size, model.config.image_size)
-    return batch
+    return Pix2SeqForObjectDetection(TESTER.get_config()).train()
 
 
 def loss_and_gradients(model, batch):
@@ -24,7 +20,7 @@ def loss_and_gradients(model, batch):
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     model = deterministic_model()
-    batch = training_batch(model)
+    batch = TESTER.prepare_token_inputs(model)
     loss, gradients = loss_and_gradients(model, batch)
     # transformers 5.23 renamed `gradient_checkpointing_enable`, which stays as a deprecated alias.
     model.activation_checkpointing_enable()
@@ -37,7 +33,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
 def test_channels_last_backbone_gives_the_same_loss_and_gradients():
     model = deterministic_model()
-    batch = training_batch(model)
+    batch = TESTER.prepare_token_inputs(model)
     loss, gradients = loss_and_gradients(model, batch)
     model.to(memory_format=torch.channels_last)
     batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from configuration_pix2seq import Pix2SeqConfig
 
@@ -39,3 +40,38 @@ def tiny_config(**overrides):
     )
     settings.update(overrides)
     return Pix2SeqConfig(**settings)
+
+
+class Pix2SeqModelTester:
+    """
+    Builds a tiny configuration and the inputs of the model tests in one place, as transformers' `ModelTester`
+    classes do: per-image targets as the image processor writes them, and the token batch a data pipeline builds.
+    """
+
+    def __init__(self, batch_size=2, **config_overrides):
+        self.batch_size = batch_size
+        self.config_overrides = config_overrides
+
+    def get_config(self):
+        return tiny_config(**self.config_overrides)
+
+    def prepare_pixel_values(self, config, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        shape = (self.batch_size, config.num_channels, config.image_size, config.image_size)
+        return torch.rand(shape, generator=generator)
+
+    def prepare_targets(self):
+        """Two objects per image: class indices and `(center_x, center_y, width, height)` boxes on the canvas."""
+        boxes = torch.tensor([[0.3, 0.4, 0.4, 0.4], [0.6, 0.25, 0.6, 0.3]])
+        return [{"class_labels": torch.tensor([0, 2]), "boxes": boxes.clone()} for _ in range(self.batch_size)]
+
+    def prepare_config_and_inputs(self):
+        """The config and DETR-style training inputs: `pixel_values` and per-image `labels`."""
+        config = self.get_config()
+        return config, {"pixel_values": self.prepare_pixel_values(config), "labels": self.prepare_targets()}
+
+    def prepare_token_inputs(self, model):
+        """Training inputs with the token labels, decoder inputs and weights built beforehand (a fixed seed)."""
+        batch = model.tokenizer.build_training_batch(self.prepare_targets(), torch.Generator().manual_seed(0))
+        batch["pixel_values"] = self.prepare_pixel_values(model.config)
+        return batch
