@@ -71,7 +71,7 @@ def preprocessing_diff():
     data = np.load(TF_FIXTURES_DIR / "preprocess_reference.npz")
     worst = 0.0
     for canvas in (96, 100, 128):
-        processor = Pix2SeqImageProcessor(image_size=canvas, do_normalize=False)
+        processor = Pix2SeqImageProcessor(size={"longest_edge": canvas}, do_normalize=False)
         for index in range(5):
             pixel_values = processor(data[f"in_{canvas}_{index}"], return_tensors="pt")["pixel_values"][0]
             expected = torch.from_numpy(data[f"out_{canvas}_{index}"]).permute(2, 0, 1)

@@ -53,7 +53,7 @@ def test_converted_folder_is_complete(converted_folder):
     assert generation["do_sample"] and generation["top_p"] == 0.4 and generation["use_grammar"] is False
     assert generation["max_new_tokens"] == 5 * config["max_instances"]
     processor = json.loads((folder / "preprocessor_config.json").read_text())
-    assert processor["image_size"] == config["image_size"] and processor["do_normalize"] is False
+    assert processor["size"] == {"longest_edge": config["image_size"]} and processor["do_normalize"] is False
     assert "Converted from the official Pix2Seq TensorFlow checkpoint" in (folder / "README.md").read_text()
 
 

@@ -114,7 +114,7 @@ def test_odd_image_size_gives_the_official_ceil_grid():
 @pytest.mark.parametrize("canvas", [96, 100, 128])
 def test_image_processor_reproduces_the_official_preprocessing(canvas):
     data = np.load(require_shared(TF_FIXTURES_DIR / "preprocess_reference.npz"))
-    processor = Pix2SeqImageProcessor(image_size=canvas, do_normalize=False)
+    processor = Pix2SeqImageProcessor(size={"longest_edge": canvas}, do_normalize=False)
     for index in range(5):
         pixel_values = processor(data[f"in_{canvas}_{index}"], return_tensors="pt")["pixel_values"]
         expected = torch.from_numpy(data[f"out_{canvas}_{index}"]).permute(2, 0, 1)
