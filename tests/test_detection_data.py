@@ -142,7 +142,8 @@ def test_stream_skips_a_bad_record_and_continues(tmp_path):
     images = {i: (32, 32) for i in range(1, 5)}
     annotations = [{"image_id": i, "category_id": 1, "bbox": [2, 2, 10, 10]} for i in images]
     folder, path = write_coco(tmp_path, images, annotations)
-    (folder / "3.png").write_bytes(b"garbage")
+    # A header that reads (the split keeps the image) and pixel data that does not (decoding skips it).
+    (folder / "3.png").write_bytes((folder / "3.png").read_bytes()[:60])
     reader = ImageReader()
     transform = TrainTransform(Pix2SeqImageProcessor(image_size=32), tokenizer().build_training_sequence, TrainAugmentation(32), reader)
     examples = list(train_stream(coco_split(folder, path, train=True), transform, batch_size=2))
