@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ class DetectionSplit:
     """
     One split: `dataset` holds records of `RECORD_FEATURES`; `references` (evaluation splits) the original
     annotations per image for `coco_map` (`image_id`, `boxes` xywh, `labels` as category ids, `iscrowd`, `area`);
-    `stats` counts what cleaning dropped or changed.
+    `stats` counts what cleaning dropped or changed; `num_examples` is the number of records, where known.
     """
 
     dataset: object
@@ -76,6 +77,7 @@ class DetectionSplit:
     references: list | None = None
     stats: Counter = field(default_factory=Counter)
     max_objects: int | None = None
+    num_examples: int | None = None
 
 
 def _fail(path, where, message):
@@ -216,7 +218,15 @@ def _describe(stats):
     return ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in sorted(stats.items())) or "nothing skipped"
 
 
-def coco_split(images_dir, annotations_file, train, streaming=True, max_samples=None, world_size=1, num_workers=0):
+def held_out_ids(image_ids, fraction, seed=0):
+    """The image ids (a seeded random `fraction` of `image_ids`, at least one) held out of training for evaluation."""
+    image_ids = sorted(image_ids)
+    count = min(len(image_ids), max(1, round(len(image_ids) * fraction)))
+    return set(random.Random(seed).sample(image_ids, count))
+
+
+def coco_split(images_dir, annotations_file, train, streaming=True, max_samples=None, world_size=1, num_workers=0,
+               hold_out_fraction=0.0, held_out=False):
     """
     A COCO folder as a split. Every image file's header is read first (in threads; no pixels are decoded): missing
     and unreadable files are skipped and counted, and a file whose size differs from the JSON `width`/`height` is
@@ -225,6 +235,9 @@ def coco_split(images_dir, annotations_file, train, streaming=True, max_samples=
     left; evaluation keeps images without objects (their false positives count), and keeps the references of the
     skipped images, so that evaluation can say how many it could not read. Images are referenced by path and decoded
     only when used; a stream has shards for `world_size` ranks of `num_workers` DataLoader workers.
+
+    With `hold_out_fraction`, the file's images are split in two (`held_out_ids`): the split holds the held-out
+    images when `held_out`, the others otherwise.
     """
     coco = load_coco_annotations(annotations_file)
     categories = sorted(coco["categories"], key=lambda category: category["id"])
@@ -234,7 +247,11 @@ def coco_split(images_dir, annotations_file, train, streaming=True, max_samples=
     for annotation in coco["annotations"]:
         per_image[annotation["image_id"]].append(annotation)
     position = {image["id"]: index for index, image in enumerate(coco["images"])}
-    images = sorted(coco["images"], key=lambda image: image["id"])[:max_samples]
+    images = sorted(coco["images"], key=lambda image: image["id"])
+    if hold_out_fraction:
+        held = held_out_ids(per_image, hold_out_fraction)
+        images = [image for image in images if (image["id"] in held) == held_out]
+    images = images[:max_samples]
     paths = [os.path.join(images_dir, image["file_name"]) for image in images]
     with ThreadPoolExecutor(max_workers=8) as pool:
         file_sizes = list(pool.map(image_file_size, paths))
@@ -283,7 +300,7 @@ def coco_split(images_dir, annotations_file, train, streaming=True, max_samples=
     else:
         dataset = datasets.Dataset.from_list(records, features=RECORD_FEATURES)
     max_objects = max((len(record["objects"]["bbox"]) for record in records), default=0)
-    return DetectionSplit(dataset, label_map, None if train else references, stats, max_objects)
+    return DetectionSplit(dataset, label_map, None if train else references, stats, max_objects, len(records))
 
 
 def _synthetic_record(index, image_size):
@@ -307,7 +324,7 @@ def synthetic_split(train, num_images, image_size=96, world_size=1, num_workers=
     if train:
         num_shards = shards_for(num_images, world_size, num_workers)
         dataset = _stream(_synthetic_records, num_shards, num_images=num_images, image_size=image_size)
-        return DetectionSplit(dataset, label_map, max_objects=MAX_OBJECTS)
+        return DetectionSplit(dataset, label_map, max_objects=MAX_OBJECTS, num_examples=num_images)
     records = [_synthetic_record(EVAL_INDEX_OFFSET + i, image_size) for i in range(num_images)]
     references = [
         {"image_id": r["image_id"], "boxes": r["objects"]["bbox"], "labels": r["objects"]["category"],
@@ -343,9 +360,12 @@ def infer_bbox_format(rows, declared="auto"):
     return candidates[0]
 
 
-def hub_split(name, split, train, config_name=None, streaming=True, bbox_format="auto", max_samples=None):
-    """A parquet detection data set (Hub id or local folder) in one of the schemas in the module docstring."""
-    dataset = datasets.load_dataset(name, config_name, split=split, streaming=streaming or None)
+def hub_split(name, split, train, config_name=None, streaming=True, bbox_format="auto", max_samples=None, **load_kwargs):
+    """
+    A parquet detection data set (Hub id or local folder) in one of the schemas in the module docstring. `split` may
+    slice (`"train[:85%]"`, read without streaming); `load_kwargs` go to `datasets.load_dataset`.
+    """
+    dataset = datasets.load_dataset(name, config_name, split=split, streaming=streaming or None, **load_kwargs)
     objects = (dataset.features or {}).get("objects")
     category = objects.get("category") if isinstance(objects, dict) else None
     category = getattr(category, "feature", category)
@@ -379,7 +399,8 @@ def hub_split(name, split, train, config_name=None, streaming=True, bbox_format=
     dataset = dataset.remove_columns("reference")
     if train:
         dataset = dataset.filter(lambda row: len(row["objects"]["bbox"]) > 0)
-    return DetectionSplit(dataset, label_map, references, stats)
+    num_examples = None if streaming else len(dataset)
+    return DetectionSplit(dataset, label_map, references, stats, num_examples=num_examples)
 
 
 class ImageReader:
