@@ -124,8 +124,9 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(
         default=False,
-        metadata={"help": "Load the model with the code saved in its folder or Hub repository rather than this "
-                          "repository's classes. Run it only for repositories you trust and whose code you read."},
+        metadata={"help": "Load the config, model and image processor through the Auto classes with the code saved "
+                          "in their folder or Hub repository instead of this repository's classes. Use it only for "
+                          "repositories you trust and whose code you have read."},
     )
     config_overrides: str | None = field(
         default=None,
@@ -383,9 +384,11 @@ class DetectionTrainer(Trainer):
         metric = evaluate.load(COCO_MAP_PATH, keep_in_memory=True)
         scores = metric.compute(predictions=predictions, references=references, class_metrics=True)
         runtime = time.time() - start
-        names = dict(zip(self.category_ids, self.model.config.id2label.values()))
-        for category_id, value in scores.pop("map_per_class").items():
-            scores[f"map_{names.get(category_id, category_id)}"] = value
+        per_class = scores.pop("map_per_class")
+        id2label = self.model.config.id2label
+        for index, category_id in enumerate(self.category_ids):
+            # -1 for a class without ground truth in the evaluated images, as pycocotools marks it.
+            scores[f"map_{id2label[index]}"] = per_class.get(category_id, -1.0)
         metrics = {f"{metric_key_prefix}_{name}": round(value, 4) for name, value in scores.items()}
         metrics[f"{metric_key_prefix}_images_skipped"] = skipped
         metrics[f"{metric_key_prefix}_runtime"] = round(runtime, 2)
@@ -480,10 +483,14 @@ def build_model(model_args, data_args, label_map, max_instances, train=True):
     that only evaluates keeps its own, which must be the data's.
     """
     labels = dict(id2label=label_map.id2label, label2id={name: i for i, name in label_map.id2label.items()})
-    hub_kwargs = {**model_args.hub_kwargs, "trust_remote_code": model_args.trust_remote_code}
+    config_class, model_class, hub_kwargs = Pix2SeqConfig, Pix2SeqForObjectDetection, model_args.hub_kwargs
+    if model_args.trust_remote_code:
+        # The Auto classes run the code saved with the model (its `auto_map`).
+        config_class, model_class = AutoConfig, AutoModelForObjectDetection
+        hub_kwargs = {**hub_kwargs, "trust_remote_code": True}
     config_source = model_args.config_name or model_args.model_name_or_path
     if config_source:
-        config = AutoConfig.from_pretrained(config_source, **hub_kwargs, **(labels if train else {}))
+        config = config_class.from_pretrained(config_source, **hub_kwargs, **(labels if train else {}))
         if not train and list(config.id2label.values()) != label_map.names:
             raise ValueError(
                 f"{config_source} detects {list(config.id2label.values())} but the evaluation data's classes are "
@@ -500,7 +507,7 @@ def build_model(model_args, data_args, label_map, max_instances, train=True):
         # Re-validate the overridden settings (vocabulary overlaps, position table) through the constructor.
         config = type(config).from_dict(config.to_dict())
     if model_args.model_name_or_path:
-        return AutoModelForObjectDetection.from_pretrained(model_args.model_name_or_path, config=config, **hub_kwargs)
+        return model_class.from_pretrained(model_args.model_name_or_path, config=config, **hub_kwargs)
     return Pix2SeqForObjectDetection(config)
 
 
@@ -508,9 +515,10 @@ def build_image_processor(model_args, config):
     source = model_args.image_processor_name or model_args.model_name_or_path
     if source:
         try:
-            processor = AutoImageProcessor.from_pretrained(
-                source, **model_args.hub_kwargs, trust_remote_code=model_args.trust_remote_code
-            )
+            if model_args.trust_remote_code:
+                processor = AutoImageProcessor.from_pretrained(source, **model_args.hub_kwargs, trust_remote_code=True)
+            else:
+                processor = Pix2SeqImageProcessor.from_pretrained(source, **model_args.hub_kwargs)
             processor.image_size = config.image_size
             return processor
         except OSError:
@@ -696,12 +704,6 @@ def epochs_to_steps(data_args, training_args, split):
                          * training_args.gradient_accumulation_steps)
     return max(1, math.ceil(split.num_examples * training_args.num_train_epochs / examples_per_step))
 
-
-# This repository's classes serve the Auto classes, so that a saved folder loads without running its copied code
-# unless `--trust_remote_code` asks for that code.
-AutoConfig.register("pix2seq", Pix2SeqConfig, exist_ok=True)
-AutoModelForObjectDetection.register(Pix2SeqConfig, Pix2SeqForObjectDetection, exist_ok=True)
-AutoImageProcessor.register(Pix2SeqConfig, slow_image_processor_class=Pix2SeqImageProcessor, exist_ok=True)
 
 
 if __name__ == "__main__":
