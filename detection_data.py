@@ -360,7 +360,8 @@ def infer_bbox_format(rows, declared="auto"):
     return candidates[0]
 
 
-def hub_split(name, split, train, config_name=None, streaming=True, bbox_format="auto", max_samples=None, **load_kwargs):
+def hub_split(name, split, train, config_name=None, streaming=True, bbox_format="auto", max_samples=None,
+              **load_kwargs):
     """
     A parquet detection data set (Hub id or local folder) in one of the schemas in the module docstring. `split` may
     slice (`"train[:85%]"`, read without streaming); `load_kwargs` go to `datasets.load_dataset`.

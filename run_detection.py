@@ -144,7 +144,7 @@ class ModelArguments:
 
     @property
     def hub_kwargs(self):
-        """What every `from_pretrained` and `load_dataset` call passes on."""
+        """What every `from_pretrained` call passes on."""
         return {"cache_dir": self.cache_dir, "revision": self.model_revision, "token": self.token}
 
 
@@ -377,7 +377,7 @@ class DetectionTrainer(Trainer):
         references = [r for r in self.eval_references if r["image_id"] in read]
         skipped = len(self.eval_references) - len(references)
         if not references:
-            raise ValueError(f"No evaluation image could be read: all {skipped} were skipped (see the warnings above).")
+            raise ValueError(f"No evaluation image could be read: all {skipped} were skipped (see the warnings).")
         if skipped:
             logger.warning("Evaluation skipped %d of %d images that could not be read; mAP covers the other %d.",
                            skipped, len(self.eval_references), len(references))
@@ -407,8 +407,9 @@ def build_splits(data_args, training_args, model_args=None, do_train=True, do_ev
     if data_args.dataset_name:
         common = dict(config_name=data_args.dataset_config_name, bbox_format=data_args.bbox_format, **hub_kwargs)
         train_split, eval_split, streaming = data_args.train_split, data_args.eval_split, data_args.streaming
-        names = datasets.get_dataset_split_names(data_args.dataset_name, data_args.dataset_config_name, **hub_kwargs)
-        if eval_split not in names and data_args.train_val_split:
+        if do_eval and data_args.train_val_split and eval_split not in datasets.get_dataset_split_names(
+            data_args.dataset_name, data_args.dataset_config_name, **hub_kwargs
+        ):
             # Slices of a split are read whole, not streamed.
             percent = round(100 * (1 - data_args.train_val_split))
             train_split, eval_split, streaming = f"{train_split}[:{percent}%]", f"{train_split}[{percent}%:]", False
@@ -440,7 +441,7 @@ def build_splits(data_args, training_args, model_args=None, do_train=True, do_ev
         if bool(images) != bool(annotations):
             raise ValueError(f"--{name}_images and --{name}_annotations go together; got only one of them.")
     hold_out = {}
-    if not data_args.eval_annotations and data_args.train_val_split:
+    if do_eval and not data_args.eval_annotations and data_args.train_val_split:
         hold_out = {"hold_out_fraction": data_args.train_val_split}
     if do_train:
         train = coco_split(data_args.train_images, data_args.train_annotations, True, streaming=data_args.streaming,
@@ -468,6 +469,8 @@ def resolve_steps(data_args, training_args):
     if all(flag is None for flag in flags):
         return data_args.has_training_data, has_eval_data, has_eval_data and data_args.num_prediction_images > 0
     do_train, do_eval, do_predict = (bool(flag) for flag in flags)
+    # Evaluating during training (`--eval_strategy`) needs the evaluation data too.
+    do_eval = do_eval or training_args.eval_strategy != "no"
     if do_train and not data_args.has_training_data:
         raise ValueError("--do_train needs training data: --train_images/--train_annotations, --coco_root or "
                          "--dataset_name (or no data flag at all for the synthetic demo).")
@@ -587,7 +590,7 @@ def main(argv=None):
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, Pix2SeqTrainingArguments))
     # The Trainer refuses bf16 without a GPU unless told it runs on the CPU.
     parser.set_defaults(bf16=bf16_default(), use_cpu=not torch.cuda.is_available())
-    # `--do_train` alone means true, as for the other boolean flags (HfArgumentParser asks a `bool | None` for a value).
+    # `--do_train` alone means true, as for other boolean flags (HfArgumentParser asks a `bool | None` for a value).
     for action in parser._actions:
         if action.dest in ("do_train", "do_eval", "do_predict"):
             action.nargs, action.const = "?", True
@@ -611,15 +614,15 @@ def main(argv=None):
     max_scale = default_scales[1] if data_args.max_scale is None else data_args.max_scale
     set_seed(training_args.seed)
 
-    resume = None
-    if do_train:
-        resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
-                                training_args.max_steps, require_optimizer=not training_args.save_only_model)
-        check_output_dir(training_args.output_dir, resuming=resume is not None,
-                         overwrite=training_args.overwrite_output_dir)
     # Only the first process writes results and models, so only it holds the folder.
     lock = OutputDirLock(training_args.output_dir) if training_args.process_index == 0 else contextlib.nullcontext()
     with lock:
+        resume = None
+        if do_train:
+            resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
+                                    training_args.max_steps, require_optimizer=not training_args.save_only_model)
+            check_output_dir(training_args.output_dir, resuming=resume is not None,
+                             overwrite=training_args.overwrite_output_dir)
         return run(model_args, data_args, training_args, resume, (min_scale, max_scale))
 
 
@@ -687,7 +690,8 @@ def run(model_args, data_args, training_args, resume, scales):
             write_predictions(predictions, os.path.join(training_args.output_dir, "predictions.json"))
             if data_args.num_prediction_images:
                 draw_predictions(eval_split.dataset, predictions, model.config.id2label, label_map.category_ids,
-                                 os.path.join(training_args.output_dir, "predictions"), data_args.num_prediction_images)
+                                 os.path.join(training_args.output_dir, "predictions"),
+                                 data_args.num_prediction_images)
     if training_args.push_to_hub:
         trainer.push_to_hub(**model_card_kwargs)
     return trainer

@@ -186,8 +186,10 @@ def resolve_resume(requested, output_dir, max_steps=-1, require_optimizer=True):
     if requested in (True, "last", "True", "true"):
         checkpoint = last_complete_checkpoint(output_dir, require_optimizer=require_optimizer)
         if checkpoint is None:
-            logger.warning("--resume_from_checkpoint last: %s holds no complete checkpoint; training starts from scratch.",
-                           output_dir)
+            logger.warning(
+                "--resume_from_checkpoint last: %s holds no complete checkpoint; training starts from scratch.",
+                output_dir,
+            )
             return None
     else:
         checkpoint = str(requested)
@@ -197,8 +199,8 @@ def resolve_resume(requested, output_dir, max_steps=-1, require_optimizer=True):
     step = checkpoint_step(checkpoint)
     if max_steps is not None and 0 < max_steps <= step:
         raise ValueError(
-            f"--max_steps {max_steps} is at or below step {step} of {checkpoint}: resuming would have nothing to train. "
-            "Raise --max_steps, or evaluate the checkpoint without --do_train."
+            f"--max_steps {max_steps} is at or below step {step} of {checkpoint}: resuming would have nothing to "
+            "train. Raise --max_steps, or evaluate the checkpoint without --do_train."
         )
     return checkpoint
 
@@ -272,7 +274,8 @@ class OutputDirLock:
             except FileExistsError:
                 holder = self.holder()
                 if holder and holder.get("host") == record["host"] and not _process_alive(holder.get("pid", -1)):
-                    logger.warning("Taking over %s, left by process %s, which no longer runs.", self.path, holder["pid"])
+                    logger.warning("Taking over %s, left by process %s, which no longer runs.",
+                                   self.path, holder["pid"])
                     self.path.unlink(missing_ok=True)
                     continue
                 if holder is None:

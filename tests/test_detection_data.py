@@ -281,7 +281,8 @@ def test_json_size_that_disagrees_with_the_file_warns_and_the_real_size_is_used(
 
 def test_train_val_split_holds_out_disjoint_images(tmp_path):
     images = {i: (16, 16) for i in range(1, 21)}
-    folder, path = write_coco(tmp_path, images, [{"image_id": i, "category_id": 1, "bbox": [1, 1, 4, 4]} for i in images])
+    annotations = [{"image_id": i, "category_id": 1, "bbox": [1, 1, 4, 4]} for i in images]
+    folder, path = write_coco(tmp_path, images, annotations)
     train = coco_split(folder, path, train=True, streaming=False, hold_out_fraction=0.15)
     evaluation = coco_split(folder, path, train=False, streaming=False, hold_out_fraction=0.15, held_out=True)
     trained, evaluated = set(train.dataset["image_id"]), {r["image_id"] for r in evaluation.references}

@@ -198,7 +198,8 @@ def test_lr_scheduler_type_is_respected(tmp_path):
 
 def test_num_train_epochs_sets_the_steps_outside_the_demo(tmp_path):
     images = {i: (48, 40) for i in range(1, 7)}
-    folder, path = write_coco(tmp_path, images, [{"image_id": i, "category_id": 1, "bbox": [4, 4, 20, 16]} for i in images])
+    annotations = [{"image_id": i, "category_id": 1, "bbox": [4, 4, 20, 16]} for i in images]
+    folder, path = write_coco(tmp_path, images, annotations)
     trainer = run_detection.main(tiny_run_args(
         tmp_path / "out", "--train_images", str(folder), "--train_annotations", str(path), "--num_train_epochs", "2",
         "--save_strategy", "no", "--train_val_split", "0", "--max_train_minutes", "0.5",

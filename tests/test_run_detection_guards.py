@@ -178,7 +178,8 @@ def test_resume_last_with_nothing_to_resume_says_so_at_warning(tmp_path, caplog)
 @pytest.fixture(scope="module")
 def two_step_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("two_steps")
-    run_detection.main(tiny_run_args(output_dir, "--max_steps", "2", "--save_steps", "2", "--synthetic_eval_images", "1"))
+    run_detection.main(tiny_run_args(output_dir, "--max_steps", "2", "--save_steps", "2",
+                                     "--synthetic_eval_images", "1"))
     return output_dir
 
 
