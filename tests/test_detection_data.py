@@ -327,6 +327,19 @@ def test_reader_turns_a_reduced_image_upright_once():
     assert (reduced - small).abs().mean() < 0.05
 
 
+def test_training_boxes_follow_an_image_decoded_at_reduced_size(tmp_path):
+    path = tmp_path / "large.jpg"
+    path.write_bytes(jpeg_bytes(4000, 3000))  # white block: x 2000-4000, y 750-1500
+    augmentation = TrainAugmentation(64, min_scale=1.0, max_scale=1.0, flip_probability=0.0)
+    targets = []
+    transform = TrainTransform(Pix2SeqImageProcessor(image_size=64), lambda boxes, labels: targets.append(boxes) or {},
+                               augmentation, ImageReader())
+    outputs = transform({"image": [{"path": str(path), "bytes": None}],
+                         "objects": [{"bbox": [[2000, 750, 2000, 750]], "category": [0]}]})
+    assert (targets[0] * 64)[0].tolist() == pytest.approx([32.0, 12.0, 64.0, 24.0])
+    assert outputs["pixel_values"][0][:, 13:23, 33:63].min() > 0.9
+
+
 @pytest.mark.slow
 def test_a_100_megapixel_jpeg_is_read_for_training_and_evaluation_within_1_5_gb(tmp_path):
     import subprocess

@@ -202,7 +202,7 @@ def test_num_train_epochs_sets_the_steps_outside_the_demo(tmp_path):
     folder, path = write_coco(tmp_path, images, annotations)
     trainer = run_detection.main(tiny_run_args(
         tmp_path / "out", "--train_images", str(folder), "--train_annotations", str(path), "--num_train_epochs", "2",
-        "--save_strategy", "no", "--train_val_split", "0", "--max_train_minutes", "0.5",
+        "--save_strategy", "no", "--do_train", "--max_train_minutes", "0.5",
     ))
     assert trainer.state.global_step == 3  # 6 images x 2 epochs in batches of 4
 
@@ -228,7 +228,8 @@ def test_push_to_hub_uploads_the_output_folder_with_its_model_card(tmp_path, mon
             return type("RepoUrl", (), {"repo_id": repo_id})()
 
         def upload_folder(self, repo_id, folder_path, **kwargs):
-            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path))))
+            card = open(os.path.join(folder_path, "README.md")).read()
+            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path)), card))
 
     monkeypatch.setattr("transformers.trainer.hf_api", FakeHub)
     run_detection.main(tiny_run_args(tmp_path / "out", "--max_steps", "1", "--save_strategy", "no",
@@ -236,6 +237,7 @@ def test_push_to_hub_uploads_the_output_folder_with_its_model_card(tmp_path, mon
     assert calls[0] == ("create_repo", "me/pix2seq")
     assert calls[-1][:2] == ("upload_folder", "me/pix2seq")
     assert {"README.md", "model.safetensors", "config.json", "generation_config.json"} <= set(calls[-1][2])
+    assert "- pix2seq" in calls[-1][3] and "object-detection" in calls[-1][3]  # the card as the example writes it
 
 
 def saved_tiny_model(folder, **generation):
