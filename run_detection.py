@@ -568,12 +568,17 @@ def summarize_data_cleaning(splits):
         logger.warning("Data cleaning (details at INFO): %s.", "; ".join(parts))
 
 
-def check_training_stream(dataset, split, reader):
-    """Raises `NoTrainingDataError`, with the counts of what was skipped, when no training example can be made."""
-    if next(iter(dataset), None) is None:
-        stats = dict(split.stats, images_unreadable_when_decoded=reader.num_skipped)
-        counts = ", ".join(f"{count} {what.replace('_', ' ')}" for what, count in sorted(stats.items()) if count)
-        raise NoTrainingDataError(f"No usable training example: {counts or 'the training data is empty'}.")
+def check_training_data(split, reader):
+    """
+    Raises `NoTrainingDataError`, with the counts of what was skipped, unless some training record has an image that
+    decodes. Reads records in order until one does (at a small size: JPEGs decode at 1/8 scale).
+    """
+    for record in split.dataset:
+        if reader.read(record["image"], max_size=32) is not None:
+            return
+    stats = dict(split.stats, images_unreadable_when_decoded=reader.num_skipped)
+    counts = ", ".join(f"{count} {what.replace('_', ' ')}" for what, count in sorted(stats.items()) if count)
+    raise NoTrainingDataError(f"No usable training example: {counts or 'the training data is empty'}.")
 
 
 def write_predictions(predictions, path):
@@ -645,12 +650,12 @@ def run(model_args, data_args, training_args, resume, scales):
 
     train_dataset = None
     if do_train:
+        check_training_data(train_split, reader)
         augmentation = TrainAugmentation(model.config.image_size, *scales, pad_value=image_processor.pad_value)
         # More objects than `max_instances`: the tokenizer shuffles them and keeps the first ones (a random subset).
         transform = TrainTransform(image_processor, model.tokenizer.build_training_sequence, augmentation, reader)
         train_dataset = train_stream(train_split, transform, seed=training_args.seed,
                                      shuffle_buffer_size=data_args.shuffle_buffer_size)
-        check_training_stream(train_dataset, train_split, reader)
         if training_args.max_steps <= 0:
             training_args.max_steps = epochs_to_steps(data_args, training_args, train_split)
     callbacks = [NonFiniteLossCallback()]
