@@ -6,6 +6,7 @@ folders are protected, runs with no usable data fail before saving, and evaluati
 import hashlib
 import json
 import logging
+import socket
 import subprocess
 import sys
 
@@ -89,7 +90,7 @@ def test_a_folder_in_use_by_another_run_is_refused_naming_its_process(tmp_path):
         output_dir = tmp_path / "out"
         output_dir.mkdir()
         (output_dir / LOCK_FILE_NAME).write_text(json.dumps(
-            {"host": __import__("socket").gethostname(), "pid": holder.pid, "started": "now"}
+            {"host": socket.gethostname(), "pid": holder.pid, "started": "now"}
         ))
         with pytest.raises(OutputDirInUseError, match=f"in use by process {holder.pid}"):
             run_detection.main(tiny_run_args(output_dir, "--max_steps", "1", "--synthetic_eval_images", "1"))
