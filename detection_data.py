@@ -14,13 +14,19 @@ exports of `detection-datasets/coco` write it: `bbox_format="auto"` checks the b
 time) and `category` (a `ClassLabel`, whose names become `id2label`), optionally `iscrowd`/`is_crowd`.
 """
 
+import io
 import json
 import logging
+import math
 import os
+import random
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import datasets
+import PIL.Image
+import PIL.ImageOps
 import torch
 from datasets import ClassLabel, Features, Image, IterableDataset, List, Value
 from torchvision import tv_tensors
@@ -63,7 +69,7 @@ class DetectionSplit:
     """
     One split: `dataset` holds records of `RECORD_FEATURES`; `references` (evaluation splits) the original
     annotations per image for `coco_map` (`image_id`, `boxes` xywh, `labels` as category ids, `iscrowd`, `area`);
-    `stats` counts what cleaning dropped or changed.
+    `stats` counts what cleaning dropped or changed; `num_examples` is the number of records, where known.
     """
 
     dataset: object
@@ -71,14 +77,24 @@ class DetectionSplit:
     references: list | None = None
     stats: Counter = field(default_factory=Counter)
     max_objects: int | None = None
+    num_examples: int | None = None
 
 
 def _fail(path, where, message):
     raise ValueError(f"{path}: {where}: {message}")
 
 
+def _is_number(value):
+    # JSON `true`/`false` load as bool, a subclass of int; NaN and Infinity load as floats.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def load_coco_annotations(path):
-    """Reads a COCO instances file and checks the fields training needs; every error names the file and the field."""
+    """
+    Reads a COCO instances file and checks the fields training needs; every error names the file, the record and the
+    field: malformed JSON, missing lists, an empty `categories`, repeated image ids, boxes that are not 4 finite
+    numbers (booleans and NaN included), annotations of unknown images or categories.
+    """
     try:
         with open(path) as file:
             coco = json.load(file)
@@ -89,28 +105,36 @@ def load_coco_annotations(path):
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
             _fail(path, f"field '{key}'", "missing or not a list")
+    if not coco["categories"]:
+        _fail(path, "field 'categories'", "empty: the model needs at least one class")
+    first_index = {}
     for index, image in enumerate(coco["images"]):
         for key in ("id", "width", "height"):
-            if not isinstance(image.get(key), int):
+            if not isinstance(image.get(key), int) or isinstance(image.get(key), bool):
                 _fail(path, f"images[{index}] field '{key}'", f"expected an integer, got {image.get(key)!r}")
         if not isinstance(image.get("file_name"), str):
             _fail(path, f"images[{index}] field 'file_name'", f"expected a string, got {image.get('file_name')!r}")
+        if image["id"] in first_index:
+            _fail(path, f"images[{index}] field 'id'",
+                  f"{image['id']} repeats the id of images[{first_index[image['id']]}] (their annotations would mix)")
+        first_index[image["id"]] = index
     for index, category in enumerate(coco["categories"]):
-        if not isinstance(category.get("id"), int):
+        if not isinstance(category.get("id"), int) or isinstance(category.get("id"), bool):
             _fail(path, f"categories[{index}] field 'id'", f"expected an integer, got {category.get('id')!r}")
-    image_ids = {image["id"] for image in coco["images"]}
     for index, annotation in enumerate(coco["annotations"]):
         bbox = annotation.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            _fail(path, f"annotations[{index}] field 'bbox'", f"expected 4 numbers [x, y, w, h], got {bbox!r}")
-        if annotation.get("image_id") not in image_ids:
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            _fail(path, f"annotations[{index}] field 'bbox'", f"expected 4 finite numbers [x, y, w, h], got {bbox!r}")
+        if annotation.get("image_id") not in first_index:
             _fail(path, f"annotations[{index}] field 'image_id'", f"{annotation.get('image_id')!r} is not in 'images'")
-        if not isinstance(annotation.get("category_id"), int):
-            _fail(path, f"annotations[{index}] field 'category_id'", f"expected an integer, got {annotation.get('category_id')!r}")
+        category_id = annotation.get("category_id")
+        if not isinstance(category_id, int) or isinstance(category_id, bool):
+            _fail(path, f"annotations[{index}] field 'category_id'", f"expected an integer, got {category_id!r}")
     known = {category["id"] for category in coco["categories"]}
     missing = sorted({annotation["category_id"] for annotation in coco["annotations"]} - known)
     if missing:
-        _fail(path, "field 'category_id'", f"annotations use category ids {missing} that are not in 'categories' {sorted(known)}")
+        _fail(path, "field 'category_id'",
+              f"annotations use category ids {missing} that are not in 'categories' {sorted(known)}")
     return coco
 
 
@@ -155,11 +179,65 @@ def _coco_records(shards, num_shards, records):
         yield from records[shard::num_shards]
 
 
-def coco_split(images_dir, annotations_file, train, streaming=True, max_samples=None, world_size=1, num_workers=0):
+# EXIF orientations that turn the stored image by 90 degrees, so that the upright image swaps width and height.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def header_orientation(image):
     """
-    A COCO folder as a split. Training drops images left without objects (as the official recipe does); evaluation
-    keeps them (their false positives count). Images are referenced by path and decoded only when used; a stream has
-    shards for `world_size` ranks of `num_workers` DataLoader workers.
+    The EXIF orientation stored in an opened image's header (`None` if none). `getexif()` would decode a whole PNG
+    to look for an EXIF chunk after the pixels; the header's EXIF (JPEG, WebP, PNG before the pixels) is enough.
+    """
+    if not image.info.get("exif"):
+        return None
+    exif = PIL.Image.Exif()
+    exif.load(image.info["exif"])
+    return exif.get(0x0112)
+
+
+def image_file_size(path):
+    """
+    `(width, height)` of the image file at `path` as it is trained on (upright by its EXIF orientation), read from
+    the header without decoding the pixels; `None` when the file is missing or not an image.
+    """
+    try:
+        with PIL.Image.open(path) as image:
+            width, height = image.size
+            if header_orientation(image) in _TRANSPOSING_ORIENTATIONS:
+                width, height = height, width
+            return width, height
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError):
+        return None
+
+
+class NoTrainingDataError(ValueError):
+    """A training split with no usable example; the message says what was skipped and why."""
+
+
+def _describe(stats):
+    return ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in sorted(stats.items())) or "nothing skipped"
+
+
+def held_out_ids(image_ids, fraction, seed=0):
+    """The image ids (a seeded random `fraction` of `image_ids`, at least one) held out of training for evaluation."""
+    image_ids = sorted(image_ids)
+    count = min(len(image_ids), max(1, round(len(image_ids) * fraction)))
+    return set(random.Random(seed).sample(image_ids, count))
+
+
+def coco_split(images_dir, annotations_file, train, streaming=True, max_samples=None, world_size=1, num_workers=0,
+               hold_out_fraction=0.0, held_out=False):
+    """
+    A COCO folder as a split. Every image file's header is read first (in threads; no pixels are decoded): missing
+    and unreadable files are skipped and counted, and a file whose size differs from the JSON `width`/`height` is
+    used at its real size, with a warning naming the record. Training drops images left without objects (as the
+    official recipe does) and raises `NoTrainingDataError`, with the counts of what was skipped, when nothing is
+    left; evaluation keeps images without objects (their false positives count), and keeps the references of the
+    skipped images, so that evaluation can say how many it could not read. Images are referenced by path and decoded
+    only when used; a stream has shards for `world_size` ranks of `num_workers` DataLoader workers.
+
+    With `hold_out_fraction`, the file's images are split in two (`held_out_ids`): the split holds the held-out
+    images when `held_out`, the others otherwise.
     """
     coco = load_coco_annotations(annotations_file)
     categories = sorted(coco["categories"], key=lambda category: category["id"])
@@ -168,37 +246,61 @@ def coco_split(images_dir, annotations_file, train, streaming=True, max_samples=
     per_image = {image["id"]: [] for image in coco["images"]}
     for annotation in coco["annotations"]:
         per_image[annotation["image_id"]].append(annotation)
-    images = sorted(coco["images"], key=lambda image: image["id"])[:max_samples]
+    position = {image["id"]: index for index, image in enumerate(coco["images"])}
+    images = sorted(coco["images"], key=lambda image: image["id"])
+    if hold_out_fraction:
+        held = held_out_ids(per_image, hold_out_fraction)
+        images = [image for image in images if (image["id"] in held) == held_out]
+    images = images[:max_samples]
+    paths = [os.path.join(images_dir, image["file_name"]) for image in images]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        file_sizes = list(pool.map(image_file_size, paths))
 
-    stats, records, references = Counter(), [], []
-    for image in images:
+    stats, records, references, resized = Counter(), [], [], []
+    for image, path, file_size in zip(images, paths, file_sizes):
         annotations = per_image[image["id"]]
+        if not train:
+            references.append({
+                "image_id": image["id"],
+                "boxes": [a["bbox"] for a in annotations],
+                "labels": [a["category_id"] for a in annotations],
+                "iscrowd": [int(a.get("iscrowd", 0)) for a in annotations],
+                "area": [float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in annotations],
+            })
+        if file_size is None:
+            stats["images_missing" if not os.path.exists(path) else "images_unreadable"] += 1
+            continue
+        width, height = file_size
+        if (width, height) != (image["width"], image["height"]):
+            stats["image_sizes_corrected"] += 1
+            resized.append(f"images[{position[image['id']]}] ({image['file_name']}): JSON width x height "
+                           f"{image['width']}x{image['height']}, file {width}x{height}")
         boxes, categories = clean_objects(
             [a["bbox"] for a in annotations], [class_index[a["category_id"]] for a in annotations],
-            [a.get("iscrowd", 0) for a in annotations], image["width"], image["height"], stats,
+            [a.get("iscrowd", 0) for a in annotations], width, height, stats,
         )
         if train and not boxes:
             stats["images_without_objects_dropped"] += 1
             continue
         records.append({
-            "image_id": image["id"], "image": os.path.join(images_dir, image["file_name"]),
-            "width": image["width"], "height": image["height"], "objects": {"bbox": boxes, "category": categories},
+            "image_id": image["id"], "image": path, "width": width, "height": height,
+            "objects": {"bbox": boxes, "category": categories},
         })
-        references.append({
-            "image_id": image["id"],
-            "boxes": [a["bbox"] for a in annotations],
-            "labels": [a["category_id"] for a in annotations],
-            "iscrowd": [int(a.get("iscrowd", 0)) for a in annotations],
-            "area": [float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in annotations],
-        })
+    if resized:
+        logger.warning("%s: %d images are not the size their 'width'/'height' fields say; using the files' sizes. "
+                       "First: %s.", annotations_file, len(resized), "; ".join(resized[:3]))
     if stats:
         logger.info("%s: %s", annotations_file, dict(stats))
+    if train and not records:
+        raise NoTrainingDataError(
+            f"{annotations_file}: no usable training image among {len(images)} in {images_dir}: {_describe(stats)}."
+        )
     if streaming:
         dataset = _stream(_coco_records, shards_for(len(records), world_size, num_workers), records=tuple(records))
     else:
         dataset = datasets.Dataset.from_list(records, features=RECORD_FEATURES)
     max_objects = max((len(record["objects"]["bbox"]) for record in records), default=0)
-    return DetectionSplit(dataset, label_map, None if train else references, stats, max_objects)
+    return DetectionSplit(dataset, label_map, None if train else references, stats, max_objects, len(records))
 
 
 def _synthetic_record(index, image_size):
@@ -222,7 +324,7 @@ def synthetic_split(train, num_images, image_size=96, world_size=1, num_workers=
     if train:
         num_shards = shards_for(num_images, world_size, num_workers)
         dataset = _stream(_synthetic_records, num_shards, num_images=num_images, image_size=image_size)
-        return DetectionSplit(dataset, label_map, max_objects=MAX_OBJECTS)
+        return DetectionSplit(dataset, label_map, max_objects=MAX_OBJECTS, num_examples=num_images)
     records = [_synthetic_record(EVAL_INDEX_OFFSET + i, image_size) for i in range(num_images)]
     references = [
         {"image_id": r["image_id"], "boxes": r["objects"]["bbox"], "labels": r["objects"]["category"],
@@ -258,9 +360,13 @@ def infer_bbox_format(rows, declared="auto"):
     return candidates[0]
 
 
-def hub_split(name, split, train, config_name=None, streaming=True, bbox_format="auto", max_samples=None):
-    """A parquet detection data set (Hub id or local folder) in one of the schemas in the module docstring."""
-    dataset = datasets.load_dataset(name, config_name, split=split, streaming=streaming or None)
+def hub_split(name, split, train, config_name=None, streaming=True, bbox_format="auto", max_samples=None,
+              **load_kwargs):
+    """
+    A parquet detection data set (Hub id or local folder) in one of the schemas in the module docstring. `split` may
+    slice (`"train[:85%]"`, read without streaming); `load_kwargs` go to `datasets.load_dataset`.
+    """
+    dataset = datasets.load_dataset(name, config_name, split=split, streaming=streaming or None, **load_kwargs)
     objects = (dataset.features or {}).get("objects")
     category = objects.get("category") if isinstance(objects, dict) else None
     category = getattr(category, "feature", category)
@@ -294,30 +400,76 @@ def hub_split(name, split, train, config_name=None, streaming=True, bbox_format=
     dataset = dataset.remove_columns("reference")
     if train:
         dataset = dataset.filter(lambda row: len(row["objects"]["bbox"]) > 0)
-    return DetectionSplit(dataset, label_map, references, stats)
+    num_examples = None if streaming else len(dataset)
+    return DetectionSplit(dataset, label_map, references, stats, num_examples=num_examples)
 
 
 class ImageReader:
     """
     Decodes the `image` value of a record to a `(3, H, W)` float tensor. An unreadable image (missing, truncated, not
     an image) is skipped with a warning and counted, or, with `fail_on_bad_records`, raises naming the file.
+
+    `read(value, max_size)` decodes a large image at reduced size: a JPEG through its decoder's draft mode (the DCT
+    scales down by 2, 4 or 8 while decoding), any image resized in 8 bits, so that the float tensor (4 bytes a value)
+    is made only at the reduced size. A 100-megapixel JPEG then peaks near the memory of a normal image.
     """
 
     def __init__(self, fail_on_bad_records=False):
         self.fail_on_bad_records = fail_on_bad_records
         self.num_skipped = 0
-        self.feature = Image()
 
     def __call__(self, value):
+        read = self.read(value)
+        return None if read is None else read[0]
+
+    def read(self, value, max_size=None):
+        """
+        `(image, original_size)`: the upright `(3, H, W)` tensor, its longest side at most `max_size` (the aspect
+        ratio kept) when `max_size` is given, and the `(height, width)` of the upright image at full size, which
+        coordinates in original pixels refer to. `None` for a skipped image.
+        """
         name = value.get("path") or "<image bytes>"
         try:
-            return to_rgb_tensor(self.feature.decode_example(value))
+            with PIL.Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]) as image:
+                return self._decode(image, max_size)
         except Exception as error:  # PIL raises OSError, ValueError, SyntaxError... for bad files
             if self.fail_on_bad_records:
                 raise ValueError(f"Cannot read image {name}: {error}") from error
             self.num_skipped += 1
-            logger.warning("Skipped unreadable image %s (%s); %d skipped so far in this process.", name, error, self.num_skipped)
+            logger.warning("Skipped unreadable image %s (%s); %d skipped so far in this process.",
+                           name, error, self.num_skipped)
             return None
+
+    @staticmethod
+    def _decode(image, max_size):
+        width, height = image.size
+        orientation = header_orientation(image)
+        if orientation in _TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
+        if max_size is not None and max(width, height) > max_size:
+            scale = max_size / max(width, height)
+            target = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+            # `draft` picks the smallest DCT scale that still covers the requested size (JPEG only; others ignore it).
+            image.draft("RGB", target)
+            image.load()
+            # `to_rgb_tensor` reads these modes as more than 8 bits; resizing them keeps their values.
+            if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+                image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
+            image = image.resize(target, PIL.Image.Resampling.BILINEAR, reducing_gap=2.0)
+            image = PIL.ImageOps.exif_transpose(_with_orientation(image, orientation))
+        else:
+            image.load()
+        return to_rgb_tensor(image), (height, width)
+
+
+def _with_orientation(image, orientation):
+    """`image` carrying only the EXIF `orientation` (so `exif_transpose` turns it upright exactly once)."""
+    image.info.pop("exif", None)
+    if orientation not in (None, 1):
+        exif = PIL.Image.Exif()
+        exif[0x0112] = orientation
+        image.info["exif"] = exif.tobytes()
+    return image
 
 
 class TrainAugmentation:
@@ -325,14 +477,27 @@ class TrainAugmentation:
     The official detection training augmentation, box-aware through torchvision `transforms.v2`: scale jitter of the
     canvas size by U(`min_scale`, `max_scale`) with the aspect ratio kept, a random crop of at most the canvas and a
     horizontal flip. Boxes leaving the crop are clipped, and dropped once nothing is left. The image processor then
-    pads the crop to the canvas, as at inference.
+    pads the crop to the canvas, as at inference. Images of any shape go through: a side never shrinks below 1 pixel
+    (a 1x600 image stays 1 pixel high), where torchvision's `ScaleJitter` would ask for a 0-pixel side and fail.
     """
 
     def __init__(self, image_size, min_scale=0.3, max_scale=2.0, flip_probability=0.5):
         self.image_size = image_size
-        self.jitter = v2.ScaleJitter((image_size, image_size), scale_range=(min_scale, max_scale), antialias=True)
+        self.min_scale, self.max_scale = min_scale, max_scale
         self.flip = v2.RandomHorizontalFlip(flip_probability)
         self.sanitize = v2.SanitizeBoundingBoxes(min_size=1.0)
+
+    @property
+    def max_image_size(self):
+        """The longest side the jitter can resize an image to: a larger one can be decoded at this size."""
+        return math.ceil(self.image_size * self.max_scale)
+
+    def jitter(self, image, boxes):
+        height, width = image.shape[-2:]
+        scale = self.min_scale + (self.max_scale - self.min_scale) * float(torch.rand(()))
+        ratio = self.image_size * scale / max(height, width)
+        size = [max(1, round(height * ratio)), max(1, round(width * ratio))]
+        return F.resize(image, size, antialias=True), F.resize(boxes, size)
 
     def __call__(self, image, boxes, labels):
         """`(3, H, W)` image, `(N, 4)` xyxy pixel boxes, `(N,)` labels -> crop of at most `S` x `S`, boxes, labels."""
@@ -365,11 +530,14 @@ class TrainTransform:
     def __call__(self, batch):
         outputs = {"pixel_values": []}
         for image_id, value, objects in zip(batch["image_id"], batch["image"], batch["objects"]):
-            image = self.reader(value)
-            if image is None:
+            read = self.reader.read(value, self.augmentation.max_image_size)
+            if read is None:
                 continue
+            image, (height, width) = read
             xywh = torch.tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
             boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+            # A large image is decoded smaller: its boxes follow.
+            boxes = boxes * torch.tensor([image.shape[-1] / width, image.shape[-2] / height] * 2)
             labels = torch.tensor(objects["category"], dtype=torch.long)
             crop, boxes, labels = self.augmentation(image, boxes, labels)
             annotation = {
@@ -413,11 +581,13 @@ class EvalCollator:
         self.reader = reader
 
     def __call__(self, rows):
-        images, image_ids = [], []
+        images, image_ids, sizes = [], [], []
         for row in rows:
-            image = self.reader(row["image"])
-            if image is not None:
-                images.append(image)
+            # Decoded at most at the canvas size; predictions are mapped back to the original size.
+            read = self.reader.read(row["image"], self.image_processor.image_size)
+            if read is not None:
+                images.append(read[0])
+                sizes.append(read[1])
                 image_ids.append(row["image_id"])
         if not images:
             return {"pixel_values": None, "image_ids": torch.zeros(0, dtype=torch.long), "target_sizes": torch.zeros(0, 2)}
@@ -426,5 +596,5 @@ class EvalCollator:
         return {
             "pixel_values": pixel_values.contiguous(memory_format=torch.channels_last),
             "image_ids": torch.tensor(image_ids),
-            "target_sizes": torch.tensor([image.shape[-2:] for image in images]),
+            "target_sizes": torch.tensor(sizes),
         }

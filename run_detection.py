@@ -12,28 +12,48 @@ A COCO folder (or `--coco_root` with the COCO 2017 layout, or a Hub parquet data
     python run_detection.py --train_images DIR --train_annotations FILE --eval_images DIR --eval_annotations FILE \
         --config_overrides "backbone=resnet50,image_size=640,num_bins=640" --max_steps 100000 --output_dir OUT
 
+The steps follow transformers' examples: `--do_train`, `--do_eval` and `--do_predict` run only the steps they name.
+Without any of them, the run trains when it has training data and evaluates (and draws predictions) when it has
+evaluation data; without data flags, the data is the synthetic demo's. An output folder that already holds a model
+or checkpoints is refused unless the run resumes from it or is given `--overwrite_output_dir`, and a lock file keeps
+a second run out of a folder in use.
+
 Several processes: `torchrun --nproc_per_node N run_detection.py ...` or `accelerate launch run_detection.py ...`.
 """
 
+import contextlib
+import json
 import logging
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 
+import datasets
 import evaluate
 import torch
 import torchvision
 from accelerate.utils import broadcast_object_list, gather_object
 from torch.utils.data import DataLoader
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.optimization import get_wsd_schedule
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForObjectDetection,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.modelcard import TrainingSummary
 from transformers.trainer_utils import SchedulerType
 
 from configuration_pix2seq import Pix2SeqConfig
 from detection_data import (
     EvalCollator,
     ImageReader,
+    NoTrainingDataError,
     TrainAugmentation,
     TrainTransform,
     coco_split,
@@ -44,7 +64,7 @@ from detection_data import (
 )
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection
-from training_safety import NonFiniteLossCallback, last_complete_checkpoint
+from training_safety import NonFiniteLossCallback, OutputDirLock, check_output_dir, resolve_resume
 
 
 logger = logging.getLogger(__name__)
@@ -76,10 +96,37 @@ DEFAULT_MODEL = dict(
 )
 
 
+# The demo's step budget (it stops on its time budget near a third of these steps; learning needs the rate to stay
+# high). Other runs train for `--max_steps` or `--num_train_epochs`.
+DEMO_MAX_STEPS = 6000
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A saved Pix2Seq folder or Hub id to fine-tune; a new model if not given."}
+    )
+    config_name: str | None = field(
+        default=None, metadata={"help": "A config (folder or Hub id) to use instead of the model's own."}
+    )
+    image_processor_name: str | None = field(
+        default=None, metadata={"help": "An image processor (folder or Hub id) to use instead of the model's own."}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where models and data sets downloaded from the Hub are stored."}
+    )
+    model_revision: str = field(
+        default="main", metadata={"help": "The model version to use: a branch name, tag name or commit id."}
+    )
+    token: str | None = field(
+        default=None,
+        metadata={"help": "The Hub token for private models and data sets (`hf auth login` stores one otherwise)."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Load the config, model and image processor through the Auto classes with the code saved "
+                          "in their folder or Hub repository instead of this repository's classes. Use it only for "
+                          "repositories you trust and whose code you have read."},
     )
     config_overrides: str | None = field(
         default=None,
@@ -95,27 +142,50 @@ class ModelArguments:
                           "PyTorch's CPU flash-attention backward costs more than plain matrix products."},
     )
 
+    @property
+    def hub_kwargs(self):
+        """What every `from_pretrained` call passes on."""
+        return {"cache_dir": self.cache_dir, "revision": self.model_revision, "token": self.token}
+
 
 @dataclass
 class DataTrainingArguments:
     train_images: str | None = field(default=None, metadata={"help": "Folder of the training images (COCO format)."})
-    train_annotations: str | None = field(default=None, metadata={"help": "COCO instances JSON of the training images."})
+    train_annotations: str | None = field(
+        default=None, metadata={"help": "COCO instances JSON of the training images."}
+    )
     eval_images: str | None = field(default=None, metadata={"help": "Folder of the evaluation images."})
-    eval_annotations: str | None = field(default=None, metadata={"help": "COCO instances JSON of the evaluation images."})
+    eval_annotations: str | None = field(
+        default=None, metadata={"help": "COCO instances JSON of the evaluation images."}
+    )
     coco_root: str | None = field(
         default=None,
         metadata={"help": "COCO 2017 root: images/{train2017,val2017}, annotations/instances_{train,val}2017.json."},
     )
     dataset_name: str | None = field(
-        default=None, metadata={"help": "A parquet detection data set (Hub id or folder); schemas in detection_data.py."}
+        default=None,
+        metadata={"help": "A parquet detection data set (Hub id or folder); schemas in detection_data.py."},
     )
     dataset_config_name: str | None = field(default=None)
     train_split: str = field(default="train")
     eval_split: str = field(default="validation")
+    train_val_split: float | None = field(
+        default=0.15,
+        metadata={"help": "With training data and no evaluation data (no --eval_annotations, or no --eval_split in "
+                          "the data set), the fraction of the training images held out for evaluation; 0 holds out "
+                          "none."},
+    )
+    image_square_size: int | None = field(
+        default=None,
+        metadata={"help": "Side of the square canvas every image is resized and padded to (the config's "
+                          "`image_size`): the model's own by default, 96 for a new demo model."},
+    )
     bbox_format: str = field(
         default="auto", metadata={"help": "Box format of --dataset_name: xywh, xyxy or auto (checked at run time)."}
     )
-    streaming: bool = field(default=True, metadata={"help": "Stream the training data (decode images as they are read)."})
+    streaming: bool = field(
+        default=True, metadata={"help": "Stream the training data (decode images as they are read)."}
+    )
     shuffle_buffer_size: int = field(default=1000)
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
@@ -125,37 +195,59 @@ class DataTrainingArguments:
     synthetic_eval_images: int = field(default=200, metadata={"help": "Held-out synthetic images for evaluation."})
     synthetic_image_size: int = field(default=96, metadata={"help": "Side of the synthetic images, in pixels."})
     min_scale: float | None = field(
-        default=None, metadata={"help": "Scale jitter range, as a fraction of the canvas: 0.3 (official), 1.0 for the demo."}
+        default=None,
+        metadata={"help": "Scale jitter range, as a fraction of the canvas: 0.3 (official), 1.0 for the demo."},
     )
-    max_scale: float | None = field(default=None, metadata={"help": "Upper end of the scale jitter: 2.0 (official), 1.0 for the demo."})
+    max_scale: float | None = field(
+        default=None, metadata={"help": "Upper end of the scale jitter: 2.0 (official), 1.0 for the demo."}
+    )
     fail_on_bad_records: bool = field(
         default=False, metadata={"help": "Stop at the first unreadable image instead of skipping it with a warning."}
     )
-    eval_do_sample: bool = field(
-        default=False, metadata={"help": "Evaluate with the model's nucleus sampling instead of greedy decoding."}
-    )
     num_prediction_images: int = field(
-        default=8, metadata={"help": "Held-out images drawn with their predicted boxes into <output_dir>/predictions."}
+        default=8,
+        metadata={"help": "With --do_predict: evaluation images drawn with their predicted boxes into "
+                          "<output_dir>/predictions (all predictions go to <output_dir>/predictions.json)."},
     )
 
     @property
     def uses_synthetic_data(self):
         return not (self.train_annotations or self.eval_annotations or self.coco_root or self.dataset_name)
 
+    @property
+    def has_training_data(self):
+        return bool(self.uses_synthetic_data or self.train_annotations or self.coco_root or self.dataset_name)
+
 
 @dataclass
 class Pix2SeqTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the official Pix2Seq recipe as defaults (AdamW betas (0.9, 0.95), weight decay 0.05,
-    warmup then linear decay to `min_lr_ratio`, gradient clipping) and the demo's schedule."""
+    warmup then linear decay to `min_lr_ratio` of the rate, gradient clipping), and the example script's
+    `overwrite_output_dir`, which transformers 5 no longer has."""
 
     output_dir: str | None = field(default="pix2seq-output")
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an output folder that already holds a model or checkpoints, replacing them."},
+    )
+    # Not given (`None`) means: train when there is training data, evaluate and predict when there is evaluation data.
+    do_train: bool | None = field(default=None, metadata={"help": "Run training."})
+    do_eval: bool | None = field(default=None, metadata={"help": "Run evaluation (COCO mAP) on the evaluation data."})
+    do_predict: bool | None = field(
+        default=None, metadata={"help": "Write the evaluation images' detections (predictions.json, drawn PNGs)."}
+    )
     # A high rate for training a small model from scratch; the official COCO fine-tune of a pretrained one uses 3e-5.
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
     adam_beta2: float = 0.95
     warmup_steps: float = 100
-    # The demo stops on its time budget near a third of these steps: learning needs the rate to stay high.
-    max_steps: int = 6000
+    # transformers' polynomial schedule with power 1 is the official one: linear warmup, then linear decay to a floor
+    # (`lr_end`, which `min_lr_ratio` sets unless `--lr_scheduler_kwargs` gives it).
+    lr_scheduler_type: SchedulerType | str = field(
+        default="polynomial",
+        metadata={"help": "transformers' schedule name. The default, 'polynomial' (power 1), is the official "
+                          "linear warmup then linear decay to --min_lr_ratio of the rate; 'linear' decays to 0."},
+    )
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 32
     # Decoding and augmenting in a worker process overlaps with the training step instead of stalling it.
@@ -164,10 +256,21 @@ class Pix2SeqTrainingArguments(TrainingArguments):
     logging_steps: float = 50
     save_steps: float = 500
     save_total_limit: int | None = 2
-    min_lr_ratio: float = field(default=0.01, metadata={"help": "The linear schedule decays to this fraction of the rate."})
+    metric_for_best_model: str | None = field(
+        default="map", metadata={"help": "The evaluation metric --load_best_model_at_end keeps the best of."}
+    )
+    min_lr_ratio: float = field(
+        default=0.01, metadata={"help": "The polynomial (linear) schedule decays to this fraction of the rate."}
+    )
     max_train_minutes: float | None = field(
         default=None, metadata={"help": "Stop training after this wall-clock time (the demo defaults to 10)."}
     )
+
+    def __post_init__(self):
+        super().__post_init__()
+        kwargs = self.lr_scheduler_kwargs or {}
+        if self.lr_scheduler_type == SchedulerType.POLYNOMIAL and "lr_end" not in kwargs:
+            self.lr_scheduler_kwargs = {**kwargs, "lr_end": self.learning_rate * self.min_lr_ratio}
 
 
 class TrainingTimeBudgetCallback(TrainerCallback):
@@ -202,32 +305,40 @@ class TrainingTimeBudgetCallback(TrainerCallback):
 
 class DetectionTrainer(Trainer):
     """
-    A `Trainer` whose evaluation generates detections and scores them with COCO mAP (`coco_map/`) against the
-    original annotations, in original pixels. With several processes each rank detects its share of the images and
-    the predictions are gathered, each image counted once.
+    A `Trainer` whose evaluation generates detections, with the decoding settings of the model's
+    `generation_config` (what `pipeline("object-detection")` uses on the saved folder), and scores them with COCO
+    mAP (`coco_map/`, per class too: `map_<label>`) against the original annotations, in original pixels. Images
+    that cannot be read are left out of the score and counted (`<prefix>_images_skipped`). With several processes
+    each rank detects its share of the images and the predictions are gathered, each image counted once.
+
+    Every folder it saves (the final model and each checkpoint) gets a model card (`README.md`).
     """
 
-    def __init__(self, *args, eval_collator=None, eval_references=None, category_ids=None, generation_kwargs=None, **kwargs):
+    def __init__(self, *args, eval_collator=None, eval_references=None, category_ids=None, model_card_kwargs=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator
         self.eval_references = eval_references
         self.category_ids = category_ids
-        self.generation_kwargs = generation_kwargs or {}
+        self.model_card_kwargs = model_card_kwargs or {}
         self.last_predictions = None
 
-    def create_scheduler(self, num_training_steps, optimizer=None):
-        if self.lr_scheduler is None and self.args.lr_scheduler_type == SchedulerType.LINEAR:
-            warmup = self.args.get_warmup_steps(num_training_steps)
-            self.lr_scheduler = get_wsd_schedule(
-                optimizer or self.optimizer, num_warmup_steps=warmup, num_stable_steps=0,
-                num_decay_steps=num_training_steps - warmup, decay_type="linear", min_lr_ratio=self.args.min_lr_ratio,
-            )
-            self._created_lr_scheduler = True
-        return super().create_scheduler(num_training_steps, optimizer)
+    def save_model(self, output_dir=None, _internal_call=False):
+        super().save_model(output_dir, _internal_call)
+        if self.is_world_process_zero():
+            card = TrainingSummary.from_trainer(self, **self.model_card_kwargs).to_model_card()
+            with open(os.path.join(output_dir or self.args.output_dir, "README.md"), "w", encoding="utf-8") as file:
+                file.write(card)
+
+    def _issue_warnings_after_load(self, load_result):
+        # A checkpoint stores a tied weight once (lm_head.weight is the token embedding): its absence is expected.
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
+        missing = [key for key in load_result.missing_keys if key not in tied]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def detect_batch(self, model, pixel_values, target_sizes):
         """Per-image `boxes` (xyxy, original pixels), `scores`, `labels` (class indices)."""
-        outputs = model.detect(pixel_values, **self.generation_kwargs)
+        outputs = model.detect(pixel_values)
         # Threshold 0: every generated object is ranked, as the official evaluation does.
         return self.processing_class.post_process_object_detection(outputs, threshold=0.0, target_sizes=target_sizes)
 
@@ -240,30 +351,46 @@ class DetectionTrainer(Trainer):
         loader = self.accelerator.prepare_data_loader(loader)
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
+        # The progress callback draws its evaluation bar from these events, as in `Trainer.evaluation_loop`.
+        self.callback_handler.eval_dataloader = loader
         predictions = []
         for batch in loader:
-            if batch["pixel_values"] is None:
-                continue
-            with torch.no_grad(), self.accelerator.autocast():
-                results = self.detect_batch(model, batch["pixel_values"], batch["target_sizes"])
-            for image_id, result in zip(batch["image_ids"].tolist(), results):
-                xyxy = result["boxes"].float().cpu()
-                predictions.append({
-                    "image_id": image_id,
-                    "boxes": torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1).tolist(),
-                    "scores": result["scores"].float().cpu().tolist(),
-                    "labels": [self.category_ids[label] for label in result["labels"].tolist()],
-                })
+            if batch["pixel_values"] is not None:
+                with torch.no_grad(), self.accelerator.autocast():
+                    results = self.detect_batch(model, batch["pixel_values"], batch["target_sizes"])
+                for image_id, result in zip(batch["image_ids"].tolist(), results):
+                    xyxy = result["boxes"].float().cpu()
+                    predictions.append({
+                        "image_id": image_id,
+                        "boxes": torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1).tolist(),
+                        "scores": result["scores"].float().cpu().tolist(),
+                        "labels": [self.category_ids[label] for label in result["labels"].tolist()],
+                    })
+            self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
         # Ranks may repeat images to even out their batches: keep one prediction per image.
         return list({p["image_id"]: p for p in gather_object(predictions)}.values())
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         start = time.time()
         predictions = self.predict_detections(eval_dataset if eval_dataset is not None else self.eval_dataset)
+        read = {p["image_id"] for p in predictions}
+        references = [r for r in self.eval_references if r["image_id"] in read]
+        skipped = len(self.eval_references) - len(references)
+        if not references:
+            raise ValueError(f"No evaluation image could be read: all {skipped} were skipped (see the warnings).")
+        if skipped:
+            logger.warning("Evaluation skipped %d of %d images that could not be read; mAP covers the other %d.",
+                           skipped, len(self.eval_references), len(references))
         metric = evaluate.load(COCO_MAP_PATH, keep_in_memory=True)
-        scores = metric.compute(predictions=predictions, references=self.eval_references)
+        scores = metric.compute(predictions=predictions, references=references, class_metrics=True)
         runtime = time.time() - start
+        per_class = scores.pop("map_per_class")
+        id2label = self.model.config.id2label
+        for index, category_id in enumerate(self.category_ids):
+            # -1 for a class without ground truth in the evaluated images, as pycocotools marks it.
+            scores[f"map_{id2label[index]}"] = per_class.get(category_id, -1.0)
         metrics = {f"{metric_key_prefix}_{name}": round(value, 4) for name, value in scores.items()}
+        metrics[f"{metric_key_prefix}_images_skipped"] = skipped
         metrics[f"{metric_key_prefix}_runtime"] = round(runtime, 2)
         metrics[f"{metric_key_prefix}_samples_per_second"] = round(len(predictions) / runtime, 2)
         self.last_predictions = predictions
@@ -272,63 +399,135 @@ class DetectionTrainer(Trainer):
         return metrics
 
 
-def build_splits(data_args, training_args):
-    """The training and evaluation `DetectionSplit`s the data flags ask for (either may be None)."""
+def build_splits(data_args, training_args, model_args=None, do_train=True, do_eval=True):
+    """The training and evaluation `DetectionSplit`s the run needs (`None` for a step it does not run)."""
     readers = dict(world_size=training_args.world_size, num_workers=training_args.dataloader_num_workers)
+    hub_kwargs = {"cache_dir": model_args.cache_dir, "token": model_args.token} if model_args else {}
+    train = evaluation = None
     if data_args.dataset_name:
-        common = dict(config_name=data_args.dataset_config_name, bbox_format=data_args.bbox_format)
-        train = hub_split(data_args.dataset_name, data_args.train_split, True, streaming=data_args.streaming,
-                          max_samples=data_args.max_train_samples, **common)
-        evaluation = hub_split(data_args.dataset_name, data_args.eval_split, False, streaming=False,
-                               max_samples=data_args.max_eval_samples, **common)
+        common = dict(config_name=data_args.dataset_config_name, bbox_format=data_args.bbox_format, **hub_kwargs)
+        train_split, eval_split, streaming = data_args.train_split, data_args.eval_split, data_args.streaming
+        if do_eval and data_args.train_val_split and eval_split not in datasets.get_dataset_split_names(
+            data_args.dataset_name, data_args.dataset_config_name, **hub_kwargs
+        ):
+            # Slices of a split are read whole, not streamed.
+            percent = round(100 * (1 - data_args.train_val_split))
+            train_split, eval_split, streaming = f"{train_split}[:{percent}%]", f"{train_split}[{percent}%:]", False
+        if do_train:
+            train = hub_split(data_args.dataset_name, train_split, True, streaming=streaming,
+                              max_samples=data_args.max_train_samples, **common)
+        if do_eval:
+            evaluation = hub_split(data_args.dataset_name, eval_split, False, streaming=False,
+                                   max_samples=data_args.max_eval_samples, **common)
         return train, evaluation
     if data_args.uses_synthetic_data:
         size = data_args.synthetic_image_size
-        return (
-            synthetic_split(True, data_args.max_train_samples or data_args.synthetic_train_images, size, **readers),
-            synthetic_split(False, data_args.max_eval_samples or data_args.synthetic_eval_images, size),
-        )
+        if do_train:
+            train = synthetic_split(True, data_args.max_train_samples or data_args.synthetic_train_images, size,
+                                    **readers)
+        if do_eval:
+            evaluation = synthetic_split(False, data_args.max_eval_samples or data_args.synthetic_eval_images, size)
+        return train, evaluation
     if data_args.coco_root:
         root = data_args.coco_root
         data_args.train_images = data_args.train_images or os.path.join(root, "images", "train2017")
-        data_args.train_annotations = data_args.train_annotations or os.path.join(root, "annotations", "instances_train2017.json")
+        data_args.train_annotations = data_args.train_annotations or os.path.join(
+            root, "annotations", "instances_train2017.json")
         data_args.eval_images = data_args.eval_images or os.path.join(root, "images", "val2017")
-        data_args.eval_annotations = data_args.eval_annotations or os.path.join(root, "annotations", "instances_val2017.json")
-    train = evaluation = None
-    if data_args.train_annotations:
+        data_args.eval_annotations = data_args.eval_annotations or os.path.join(
+            root, "annotations", "instances_val2017.json")
+    for images, annotations, name in ((data_args.train_images, data_args.train_annotations, "train"),
+                                      (data_args.eval_images, data_args.eval_annotations, "eval")):
+        if bool(images) != bool(annotations):
+            raise ValueError(f"--{name}_images and --{name}_annotations go together; got only one of them.")
+    hold_out = {}
+    if do_eval and not data_args.eval_annotations and data_args.train_val_split:
+        hold_out = {"hold_out_fraction": data_args.train_val_split}
+    if do_train:
         train = coco_split(data_args.train_images, data_args.train_annotations, True, streaming=data_args.streaming,
-                           max_samples=data_args.max_train_samples, **readers)
-    if data_args.eval_annotations:
-        evaluation = coco_split(data_args.eval_images, data_args.eval_annotations, False, streaming=False,
-                                max_samples=data_args.max_eval_samples)
+                           max_samples=data_args.max_train_samples, **hold_out, **readers)
+    if do_eval:
+        images, annotations = (data_args.eval_images, data_args.eval_annotations) if not hold_out else (
+            data_args.train_images, data_args.train_annotations)
+        evaluation = coco_split(images, annotations, False, streaming=False, max_samples=data_args.max_eval_samples,
+                                held_out=bool(hold_out), **hold_out)
     return train, evaluation
 
 
-def build_model(model_args, label_map, max_instances):
-    """A new Pix2Seq (`DEFAULT_MODEL` + overrides) or a saved one, with the data's label set."""
+def resolve_steps(data_args, training_args):
+    """
+    `(do_train, do_eval, do_predict)`. Flags given run exactly their steps, each needing its data; with none given,
+    the run trains when it has training data and evaluates and predicts when it has evaluation data (given, held out
+    by `--train_val_split`, or the demo's).
+    """
+    has_eval_data = bool(
+        data_args.uses_synthetic_data or data_args.eval_annotations or data_args.coco_root
+        or (data_args.has_training_data and data_args.train_val_split)
+        or data_args.dataset_name
+    )
+    flags = (training_args.do_train, training_args.do_eval, training_args.do_predict)
+    if all(flag is None for flag in flags):
+        return data_args.has_training_data, has_eval_data, has_eval_data and data_args.num_prediction_images > 0
+    do_train, do_eval, do_predict = (bool(flag) for flag in flags)
+    # Evaluating during training (`--eval_strategy`) needs the evaluation data too.
+    do_eval = do_eval or training_args.eval_strategy != "no"
+    if do_train and not data_args.has_training_data:
+        raise ValueError("--do_train needs training data: --train_images/--train_annotations, --coco_root or "
+                         "--dataset_name (or no data flag at all for the synthetic demo).")
+    if (do_eval or do_predict) and not has_eval_data:
+        raise ValueError("--do_eval and --do_predict need evaluation data: --eval_images/--eval_annotations, "
+                         "--coco_root, --dataset_name or --train_val_split with training data.")
+    return do_train, do_eval, do_predict
+
+
+def build_model(model_args, data_args, label_map, max_instances, train=True):
+    """
+    A new Pix2Seq (`DEFAULT_MODEL` + overrides) or a saved one. A model that trains takes the data's label set; one
+    that only evaluates keeps its own, which must be the data's.
+    """
     labels = dict(id2label=label_map.id2label, label2id={name: i for i, name in label_map.id2label.items()})
-    if model_args.model_name_or_path:
-        config = Pix2SeqConfig.from_pretrained(model_args.model_name_or_path, **labels)
+    config_class, model_class, hub_kwargs = Pix2SeqConfig, Pix2SeqForObjectDetection, model_args.hub_kwargs
+    if model_args.trust_remote_code:
+        # The Auto classes run the code saved with the model (its `auto_map`).
+        config_class, model_class = AutoConfig, AutoModelForObjectDetection
+        hub_kwargs = {**hub_kwargs, "trust_remote_code": True}
+    config_source = model_args.config_name or model_args.model_name_or_path
+    if config_source:
+        config = config_class.from_pretrained(config_source, **hub_kwargs, **(labels if train else {}))
+        if not train and list(config.id2label.values()) != label_map.names:
+            raise ValueError(
+                f"{config_source} detects {list(config.id2label.values())} but the evaluation data's classes are "
+                f"{label_map.names}; evaluate it on data with its classes, or fine-tune it with --do_train."
+            )
     else:
         config = Pix2SeqConfig(**DEFAULT_MODEL, max_instances=max_instances,
                                use_pretrained_backbone=model_args.use_pretrained_backbone, **labels)
-    if model_args.config_overrides:
-        config.update_from_string(model_args.config_overrides)
+    overrides = model_args.config_overrides
+    if data_args.image_square_size:
+        overrides = ",".join(filter(None, [overrides, f"image_size={data_args.image_square_size}"]))
+    if overrides:
+        config.update_from_string(overrides)
         # Re-validate the overridden settings (vocabulary overlaps, position table) through the constructor.
-        config = Pix2SeqConfig.from_dict(config.to_dict())
+        config = type(config).from_dict(config.to_dict())
     if model_args.model_name_or_path:
-        return Pix2SeqForObjectDetection.from_pretrained(model_args.model_name_or_path, config=config)
+        return model_class.from_pretrained(model_args.model_name_or_path, config=config, **hub_kwargs)
     return Pix2SeqForObjectDetection(config)
 
 
 def build_image_processor(model_args, config):
-    if model_args.model_name_or_path:
+    source = model_args.image_processor_name or model_args.model_name_or_path
+    if source:
         try:
-            processor = Pix2SeqImageProcessor.from_pretrained(model_args.model_name_or_path)
+            if model_args.trust_remote_code:
+                processor = AutoImageProcessor.from_pretrained(source, **model_args.hub_kwargs, trust_remote_code=True)
+            else:
+                processor = Pix2SeqImageProcessor.from_pretrained(source, **model_args.hub_kwargs)
             processor.image_size = config.image_size
             return processor
         except OSError:
-            logger.warning("No image processor saved with %s; using the default one.", model_args.model_name_or_path)
+            if model_args.image_processor_name:
+                raise
+            logger.warning("No image processor saved with %s; using the default one.", source)
     # ImageNet-pretrained timm backbones expect normalised pixels; a backbone trained here learns from [0, 1].
     return Pix2SeqImageProcessor(image_size=config.image_size, do_normalize=model_args.use_pretrained_backbone)
 
@@ -359,15 +558,55 @@ def bf16_default():
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def summarize_data_cleaning(splits):
+    """One WARNING for the run: what cleaning the annotations dropped, clipped or corrected, per split."""
+    parts = [
+        f"{name}: " + ", ".join(f"{count} {what.replace('_', ' ')}" for what, count in sorted(split.stats.items()))
+        for name, split in splits.items() if split is not None and split.stats
+    ]
+    if parts:
+        logger.warning("Data cleaning (details at INFO): %s.", "; ".join(parts))
+
+
+def check_training_data(split, reader):
+    """
+    Raises `NoTrainingDataError`, with the counts of what was skipped, unless some training record has an image that
+    decodes. Reads records in order until one does (at a small size: JPEGs decode at 1/8 scale).
+    """
+    for record in split.dataset:
+        if reader.read(record["image"], max_size=32) is not None:
+            return
+    stats = dict(split.stats, images_unreadable_when_decoded=reader.num_skipped)
+    counts = ", ".join(f"{count} {what.replace('_', ' ')}" for what, count in sorted(stats.items()) if count)
+    raise NoTrainingDataError(f"No usable training example: {counts or 'the training data is empty'}.")
+
+
+def write_predictions(predictions, path):
+    """The detections as a COCO results file (`image_id`, `category_id`, `bbox` xywh, `score`)."""
+    results = [
+        {"image_id": p["image_id"], "category_id": label, "bbox": box, "score": score}
+        for p in predictions for box, score, label in zip(p["boxes"], p["scores"], p["labels"])
+    ]
+    with open(path, "w") as file:
+        json.dump(results, file)
+
+
 def main(argv=None):
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, Pix2SeqTrainingArguments))
     # The Trainer refuses bf16 without a GPU unless told it runs on the CPU.
     parser.set_defaults(bf16=bf16_default(), use_cpu=not torch.cuda.is_available())
+    # `--do_train` alone means true, as for other boolean flags (HfArgumentParser asks a `bool | None` for a value).
+    for action in parser._actions:
+        if action.dest in ("do_train", "do_eval", "do_predict"):
+            action.nargs, action.const = "?", True
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=training_args.get_process_log_level())
+    do_train, do_eval, do_predict = resolve_steps(data_args, training_args)
+    training_args.do_train, training_args.do_eval, training_args.do_predict = do_train, do_eval, do_predict
     # Batches hold per-rank augmented tensors; dispatching them from rank 0 would make rank 0 do all data work.
     if training_args.accelerator_config.dispatch_batches is None:
         training_args.accelerator_config.dispatch_batches = False
@@ -380,11 +619,27 @@ def main(argv=None):
     max_scale = default_scales[1] if data_args.max_scale is None else data_args.max_scale
     set_seed(training_args.seed)
 
-    train_split, eval_split = build_splits(data_args, training_args)
+    # Only the first process writes results and models, so only it holds the folder.
+    lock = OutputDirLock(training_args.output_dir) if training_args.process_index == 0 else contextlib.nullcontext()
+    with lock:
+        resume = None
+        if do_train:
+            resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
+                                    training_args.max_steps, require_optimizer=not training_args.save_only_model)
+            check_output_dir(training_args.output_dir, resuming=resume is not None,
+                             overwrite=training_args.overwrite_output_dir)
+        return run(model_args, data_args, training_args, resume, (min_scale, max_scale))
+
+
+def run(model_args, data_args, training_args, resume, scales):
+    """The run's steps, once its arguments are settled and its output folder is held."""
+    do_train, do_eval, do_predict = training_args.do_train, training_args.do_eval, training_args.do_predict
+    train_split, eval_split = build_splits(data_args, training_args, model_args, do_train, do_eval or do_predict)
+    summarize_data_cleaning({"training": train_split, "evaluation": eval_split})
     label_map = (train_split or eval_split).label_map
     # A new model writes as many objects as the densest training image holds (at most the official 100).
     max_instances = min(100, train_split.max_objects or 100) if train_split else 100
-    model = build_model(model_args, label_map, max_instances)
+    model = build_model(model_args, data_args, label_map, max_instances, train=do_train)
     attn_implementation = model_args.attn_implementation
     if attn_implementation is None and data_args.uses_synthetic_data and not torch.cuda.is_available():
         attn_implementation = "eager"
@@ -394,15 +649,22 @@ def main(argv=None):
     reader = ImageReader(data_args.fail_on_bad_records)
 
     train_dataset = None
-    if train_split is not None:
-        augmentation = TrainAugmentation(model.config.image_size, min_scale, max_scale)
+    if do_train:
+        check_training_data(train_split, reader)
+        augmentation = TrainAugmentation(model.config.image_size, *scales)
         # More objects than `max_instances`: the tokenizer shuffles them and keeps the first ones (a random subset).
         transform = TrainTransform(image_processor, model.tokenizer.encode_target, augmentation, reader)
         train_dataset = train_stream(train_split, transform, seed=training_args.seed,
                                      shuffle_buffer_size=data_args.shuffle_buffer_size)
+        if training_args.max_steps <= 0:
+            training_args.max_steps = epochs_to_steps(data_args, training_args, train_split)
     callbacks = [NonFiniteLossCallback()]
     if training_args.max_train_minutes:
         callbacks.append(TrainingTimeBudgetCallback(training_args.max_train_minutes, training_args.world_size))
+    model_card_kwargs = {"finetuned_from": model_args.model_name_or_path, "tasks": "object-detection",
+                         "dataset": data_args.dataset_name or ("synthetic shapes" if data_args.uses_synthetic_data
+                                                               else None),
+                         "tags": ["pix2seq", "object-detection", "vision"]}
     trainer = DetectionTrainer(
         model=model,
         args=training_args,
@@ -414,27 +676,43 @@ def main(argv=None):
         eval_collator=EvalCollator(image_processor, reader),
         eval_references=eval_split.references if eval_split else None,
         category_ids=label_map.category_ids,
-        generation_kwargs={} if data_args.eval_do_sample else {"do_sample": False},
+        model_card_kwargs=model_card_kwargs,
     )
 
-    if train_dataset is not None:
-        resume = training_args.resume_from_checkpoint
-        if resume == "last":
-            # The newest checkpoint whose files were all written: a run killed while saving leaves a partial one.
-            resume = last_complete_checkpoint(training_args.output_dir)
+    if do_train:
         result = trainer.train(resume_from_checkpoint=resume)
         trainer.save_model()
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
-    if eval_split is not None:
+    if do_eval:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-        if trainer.is_world_process_zero() and data_args.num_prediction_images:
-            draw_predictions(eval_split.dataset, trainer.last_predictions, model.config.id2label, label_map.category_ids,
-                             os.path.join(training_args.output_dir, "predictions"), data_args.num_prediction_images)
+    if do_predict:
+        predictions = trainer.last_predictions or trainer.predict_detections(eval_split.dataset)
+        if trainer.is_world_process_zero():
+            write_predictions(predictions, os.path.join(training_args.output_dir, "predictions.json"))
+            if data_args.num_prediction_images:
+                draw_predictions(eval_split.dataset, predictions, model.config.id2label, label_map.category_ids,
+                                 os.path.join(training_args.output_dir, "predictions"),
+                                 data_args.num_prediction_images)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**model_card_kwargs)
     return trainer
+
+
+def epochs_to_steps(data_args, training_args, split):
+    """`--num_train_epochs` as steps (a stream has no length for the Trainer to count); the demo's step budget."""
+    if data_args.uses_synthetic_data:
+        return DEMO_MAX_STEPS
+    if split.num_examples is None:
+        raise ValueError("This streamed data set does not say how many examples it holds: give --max_steps, or "
+                         "--streaming false so that --num_train_epochs can be counted.")
+    examples_per_step = (training_args.per_device_train_batch_size * training_args.world_size
+                         * training_args.gradient_accumulation_steps)
+    return max(1, math.ceil(split.num_examples * training_args.num_train_epochs / examples_per_step))
+
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def common_flags(args, output_dir):
         "--output_dir", output_dir, "--max_train_minutes", str(args.minutes), "--use_cpu", str(args.device == "cpu"),
         "--bf16", str(args.bf16), "--per_device_train_batch_size", str(args.batch_size), "--save_strategy", "no",
         "--per_device_eval_batch_size", str(args.batch_size), "--logging_steps", "10", "--disable_tqdm", "true",
-        "--dataloader_num_workers", str(args.workers), "--report_to", "none",
+        "--dataloader_num_workers", str(args.workers), "--report_to", "none", "--overwrite_output_dir",
         # Far more steps than the budget allows, and a short warmup: the rate stays near its peak for the whole
         # budget, as a fixed-time run wants.
         "--max_steps", "100000", "--warmup_steps", "20",

@@ -22,9 +22,12 @@ Args:
     references: one dict per image, the original annotations: `image_id`, `boxes` (`[x, y, w, h]` pixels), `labels`,
         `iscrowd` (crowd regions are ignored, as COCO does), `area` (decides small/medium/large; the box area if the
         data set has no segmentation area).
+    class_metrics (`bool`, *optional*, defaults to `False`): also return `map_per_class`.
 Returns:
     `map`, `map_50`, `map_75`, `map_small`, `map_medium`, `map_large`, `mar_1`, `mar_10`, `mar_100`, `mar_small`,
     `mar_medium`, `mar_large`: floats, -1 where the set has no ground truth of that kind (pycocotools' convention).
+    With `class_metrics`, `map_per_class`: `{category_id: AP over IoU 0.5:0.95}` for every category of the
+    references (0 for one never detected).
 Example:
     >>> metric = evaluate.load("coco_map")
     >>> reference = {"image_id": 1, "boxes": [[10, 10, 20, 20]], "labels": [1], "iscrowd": [0], "area": [400.0]}
@@ -53,8 +56,11 @@ def coco_ground_truth(references):
     return coco
 
 
-def coco_metrics(predictions, references):
-    """The 12 COCOeval statistics (see `STAT_NAMES`) of per-image predictions against per-image references."""
+def coco_metrics(predictions, references, class_metrics=False):
+    """
+    The 12 COCOeval statistics (see `STAT_NAMES`) of per-image predictions against per-image references and, with
+    `class_metrics`, `map_per_class` (`{category_id: AP}`, the AP of each category of the references).
+    """
     for name, items in (("predictions", predictions), ("references", references)):
         ids = [int(item["image_id"]) for item in items]
         if len(ids) != len(set(ids)):
@@ -67,7 +73,10 @@ def coco_metrics(predictions, references):
     if not results or not ground_truth.dataset["annotations"]:
         # pycocotools cannot load an empty result list; nothing detected is AP 0 (and no ground truth is -1).
         empty = 0.0 if ground_truth.dataset["annotations"] else -1.0
-        return {name: empty for name in STAT_NAMES}
+        metrics = {name: empty for name in STAT_NAMES}
+        if class_metrics:
+            metrics["map_per_class"] = {category["id"]: empty for category in ground_truth.dataset["categories"]}
+        return metrics
     with contextlib.redirect_stdout(io.StringIO()):
         detections = ground_truth.loadRes(results)
         evaluator = COCOeval(ground_truth, detections, iouType="bbox")
@@ -75,7 +84,16 @@ def coco_metrics(predictions, references):
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: float(value) for name, value in zip(STAT_NAMES, np.asarray(evaluator.stats))}
+    metrics = {name: float(value) for name, value in zip(STAT_NAMES, np.asarray(evaluator.stats))}
+    if class_metrics:
+        # precision: (IoU thresholds, recall points, categories, area ranges, max detections); -1 marks no data.
+        precision = evaluator.eval["precision"][:, :, :, 0, -1]
+        metrics["map_per_class"] = {}
+        for index, category_id in enumerate(evaluator.params.catIds):
+            values = precision[:, :, index]
+            values = values[values > -1]
+            metrics["map_per_class"][int(category_id)] = float(values.mean()) if values.size else -1.0
+    return metrics
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -97,5 +115,5 @@ class CocoMap(evaluate.Metric):
             }),
         )
 
-    def _compute(self, predictions, references):
-        return coco_metrics(predictions, references)
+    def _compute(self, predictions, references, class_metrics=False):
+        return coco_metrics(predictions, references, class_metrics=class_metrics)

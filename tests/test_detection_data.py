@@ -1,3 +1,4 @@
+import io
 import json
 import logging
 from collections import Counter
@@ -142,7 +143,8 @@ def test_stream_skips_a_bad_record_and_continues(tmp_path):
     images = {i: (32, 32) for i in range(1, 5)}
     annotations = [{"image_id": i, "category_id": 1, "bbox": [2, 2, 10, 10]} for i in images]
     folder, path = write_coco(tmp_path, images, annotations)
-    (folder / "3.png").write_bytes(b"garbage")
+    # A header that reads (the split keeps the image) and pixel data that does not (decoding skips it).
+    (folder / "3.png").write_bytes((folder / "3.png").read_bytes()[:60])
     reader = ImageReader()
     transform = TrainTransform(
         Pix2SeqImageProcessor(image_size=32), tokenizer().encode_target, TrainAugmentation(32), reader
@@ -242,3 +244,118 @@ def test_hub_adapter_detects_xyxy_boxes_and_converts_them(tmp_path):
 def test_bbox_format_that_fits_both_readings_defaults_to_coco_xywh():
     rows = [{"width": 100, "height": 100, "objects": {"bbox": [[10, 10, 20, 20]]}}]
     assert infer_bbox_format(rows) == "xywh"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c["images"].append({**c["images"][0], "file_name": "other.png"}),
+         r"images\[1\] field 'id': 1 repeats the id of images\[0\]"),
+        (lambda c: c["annotations"][0].update(bbox=[float("nan"), 5, 3, 10]), r"annotations\[0\] field 'bbox'.*nan"),
+        (lambda c: c["annotations"][0].update(bbox=[1, 1, float("inf"), 10]), r"annotations\[0\] field 'bbox'.*inf"),
+        (lambda c: c["annotations"][0].update(bbox=[True, 5, 3, 10]), r"annotations\[0\] field 'bbox'.*True"),
+        (lambda c: c.update(categories=[]), "field 'categories': empty"),
+    ],
+)
+def test_bad_annotation_values_are_named_with_file_record_and_field(tmp_path, change, message):
+    _, path = write_coco(tmp_path, {1: (32, 32)}, [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}])
+    coco = json.loads(path.read_text())
+    change(coco)
+    path.write_text(json.dumps(coco))  # Python's json writes NaN and Infinity, as some exporters do
+    with pytest.raises(ValueError, match=message) as error:
+        coco_split(path.parent / "images", path, train=True)
+    assert "instances.json" in str(error.value)
+
+
+def test_json_size_that_disagrees_with_the_file_warns_and_the_real_size_is_used(tmp_path, caplog):
+    images, path = write_coco(tmp_path, {1: (40, 20)}, [{"image_id": 1, "category_id": 1, "bbox": [10, 2, 25, 15]}])
+    coco = json.loads(path.read_text())
+    coco["images"][0].update(width=20, height=40)
+    path.write_text(json.dumps(coco))
+    with caplog.at_level(logging.WARNING):
+        split = coco_split(images, path, train=True, streaming=False)
+    assert "images[0] (1.png): JSON width x height 20x40, file 40x20" in caplog.text
+    record = split.dataset[0]
+    assert (record["width"], record["height"]) == (40, 20)
+    assert record["objects"]["bbox"] == [[10, 2, 25, 15]]  # clipped to the file's 40x20, not the JSON's 20x40
+    assert split.stats["image_sizes_corrected"] == 1
+
+
+def test_train_val_split_holds_out_disjoint_images(tmp_path):
+    images = {i: (16, 16) for i in range(1, 21)}
+    annotations = [{"image_id": i, "category_id": 1, "bbox": [1, 1, 4, 4]} for i in images]
+    folder, path = write_coco(tmp_path, images, annotations)
+    train = coco_split(folder, path, train=True, streaming=False, hold_out_fraction=0.15)
+    evaluation = coco_split(folder, path, train=False, streaming=False, hold_out_fraction=0.15, held_out=True)
+    trained, evaluated = set(train.dataset["image_id"]), {r["image_id"] for r in evaluation.references}
+    assert len(evaluated) == 3 and not trained & evaluated and trained | evaluated == set(images)
+
+
+@pytest.mark.parametrize("shape", [(1, 600), (600, 1), (1, 1), (2, 5000)])
+def test_scale_jitter_takes_images_with_a_one_pixel_side(shape):
+    torch.manual_seed(0)
+    augmentation = TrainAugmentation(64, min_scale=0.3, max_scale=2.0)
+    height, width = shape
+    for _ in range(10):
+        canvas, boxes, labels = augmentation(torch.rand(3, height, width), torch.tensor([[0.0, 0.0, width, height]]),
+                                             torch.tensor([1]))
+        assert canvas.shape == (3, 64, 64) and len(boxes) == len(labels)
+
+
+def jpeg_bytes(width, height, **save_kwargs):
+    image = PIL.Image.new("RGB", (width, height), (0, 0, 0))
+    image.paste((255, 255, 255), (width // 2, height // 4, width, height // 2))  # white block at the top right
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **save_kwargs)
+    return buffer.getvalue()
+
+
+def test_reader_decodes_a_large_image_at_reduced_size_with_its_original_size():
+    image, original_size = ImageReader().read({"bytes": jpeg_bytes(4000, 3000), "path": None}, max_size=200)
+    assert image.shape == (3, 150, 200) and original_size == (3000, 4000)
+    assert image[:, 40:70, 110:190].mean() > 0.9 and image[:, 90:, :].mean() < 0.1
+    full, full_size = ImageReader().read({"bytes": jpeg_bytes(400, 300), "path": None}, max_size=1000)
+    assert full.shape == (3, 300, 400) and full_size == (300, 400)
+
+
+def test_reader_turns_a_reduced_image_upright_once():
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # stored turned; a viewer turns it 90 degrees clockwise
+    value = {"bytes": jpeg_bytes(800, 400, exif=exif.tobytes()), "path": None}
+    reduced, size = ImageReader().read(value, max_size=100)
+    full = ImageReader()(value)
+    assert size == (800, 400) and full.shape == (3, 800, 400) and reduced.shape == (3, 100, 50)
+    small = torch.nn.functional.interpolate(full[None], size=(100, 50), mode="area")[0]
+    assert (reduced - small).abs().mean() < 0.05
+
+
+def test_training_boxes_follow_an_image_decoded_at_reduced_size(tmp_path):
+    path = tmp_path / "large.jpg"
+    path.write_bytes(jpeg_bytes(4000, 3000))  # white block: x 2000-4000, y 750-1500
+    augmentation = TrainAugmentation(64, min_scale=1.0, max_scale=1.0, flip_probability=0.0)
+    targets = []
+    transform = TrainTransform(Pix2SeqImageProcessor(image_size=64), lambda boxes, labels: targets.append(boxes) or {},
+                               augmentation, ImageReader())
+    outputs = transform({"image": [{"path": str(path), "bytes": None}],
+                         "objects": [{"bbox": [[2000, 750, 2000, 750]], "category": [0]}]})
+    assert (targets[0] * 64)[0].tolist() == pytest.approx([32.0, 12.0, 64.0, 24.0])
+    assert outputs["pixel_values"][0][:, 13:23, 33:63].min() > 0.9
+
+
+@pytest.mark.slow
+def test_a_100_megapixel_jpeg_is_read_for_training_and_evaluation_within_1_5_gb(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "huge.jpg"
+    PIL.Image.new("RGB", (10000, 10000), (120, 60, 30)).save(path, quality=90)
+    script = (
+        "import resource, sys; from detection_data import ImageReader; reader = ImageReader(); "
+        f"value = {{'path': {str(path)!r}, 'bytes': None}}; "
+        "train = reader.read(value, max_size=1280); evaluation = reader.read(value, max_size=640); "
+        "assert train[1] == evaluation[1] == (10000, 10000), (train[1], evaluation[1]); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    peak_gb = int(result.stdout.split()[-1]) / 2**20  # ru_maxrss is in KiB on Linux
+    assert peak_gb <= 1.5

@@ -170,3 +170,142 @@ if __name__ == "__main__":
     from pathlib import Path
 
     run_rank(Path(sys.argv[1]), sys.argv[2:])
+
+
+EXAMPLE_OPTIONS = ("--image_square_size", "--trust_remote_code", "--cache_dir", "--model_revision", "--token",
+                   "--image_processor_name", "--config_name", "--train_val_split", "--do_train", "--do_eval",
+                   "--do_predict", "--overwrite_output_dir", "--push_to_hub", "--lr_scheduler_type",
+                   "--metric_for_best_model", "--num_train_epochs")
+
+
+def test_help_shows_the_example_scripts_options():
+    result = subprocess.run([sys.executable, "run_detection.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                            check=True, env={**os.environ, "PYTHONPATH": REPO})
+    assert [option for option in EXAMPLE_OPTIONS if option not in result.stdout] == []
+
+
+def test_lr_scheduler_type_is_respected(tmp_path):
+    args = run_detection.Pix2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, warmup_steps=10,
+                                                  learning_rate=1.0, lr_scheduler_type="linear")
+    trainer = run_detection.DetectionTrainer(model=torch.nn.Linear(1, 1), args=args)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = trainer.create_scheduler(110, optimizer)
+    for _ in range(110):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.0)  # transformers' linear decays to 0, not to the floor
+
+
+def test_num_train_epochs_sets_the_steps_outside_the_demo(tmp_path):
+    images = {i: (48, 40) for i in range(1, 7)}
+    annotations = [{"image_id": i, "category_id": 1, "bbox": [4, 4, 20, 16]} for i in images]
+    folder, path = write_coco(tmp_path, images, annotations)
+    trainer = run_detection.main(tiny_run_args(
+        tmp_path / "out", "--train_images", str(folder), "--train_annotations", str(path), "--num_train_epochs", "2",
+        "--save_strategy", "no", "--do_train", "--max_train_minutes", "0.5",
+    ))
+    assert trainer.state.global_step == 3  # 6 images x 2 epochs in batches of 4
+
+
+def test_best_model_per_class_map_and_model_cards(tmp_path):
+    trainer = run_detection.main(tiny_run_args(
+        tmp_path, "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1", "--save_steps", "1",
+        "--load_best_model_at_end", "--synthetic_eval_images", "2",
+    ))
+    assert trainer.args.metric_for_best_model == "map" and trainer.state.best_metric is not None
+    results = json.loads((tmp_path / "eval_results.json").read_text())
+    assert {"eval_map_circle", "eval_map_rectangle", "eval_map_triangle", "eval_map_ring"} <= set(results)
+    for folder in (tmp_path, tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"):
+        assert "generated_from_trainer" in (folder / "README.md").read_text()
+
+
+def test_push_to_hub_uploads_the_output_folder_with_its_model_card(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeHub:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id))
+            return type("RepoUrl", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            card = open(os.path.join(folder_path, "README.md")).read()
+            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path)), card))
+
+    monkeypatch.setattr("transformers.trainer.hf_api", FakeHub)
+    run_detection.main(tiny_run_args(tmp_path / "out", "--max_steps", "1", "--save_strategy", "no",
+                                     "--synthetic_eval_images", "1", "--push_to_hub", "--hub_model_id", "me/pix2seq"))
+    assert calls[0] == ("create_repo", "me/pix2seq")
+    assert calls[-1][:2] == ("upload_folder", "me/pix2seq")
+    assert {"README.md", "model.safetensors", "config.json", "generation_config.json"} <= set(calls[-1][2])
+    assert "- pix2seq" in calls[-1][3] and "object-detection" in calls[-1][3]  # the card as the example writes it
+
+
+def saved_tiny_model(folder, **generation):
+    from tests.test_run_detection_guards import save_demo_model
+
+    save_demo_model(folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, **generation}))
+    return folder
+
+
+def test_evaluation_decodes_as_the_saved_generation_config_says(tmp_path, monkeypatch):
+    from modeling_pix2seq import Pix2SeqForObjectDetection
+
+    seen = []
+    generate = Pix2SeqForObjectDetection.generate
+
+    def recording(self, *args, **kwargs):
+        settings = self.generation_config.to_dict()
+        seen.append({key: kwargs.get(key, settings.get(key)) for key in ("do_sample", "top_p")})
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pix2SeqForObjectDetection, "generate", recording)
+    for do_sample, top_p in ((True, 0.3), (False, 1.0)):
+        model_dir = saved_tiny_model(tmp_path / f"model-{do_sample}", do_sample=do_sample, top_p=top_p)
+        seen.clear()
+        run_detection.main(tiny_run_args(tmp_path / f"out-{do_sample}", "--model_name_or_path", str(model_dir),
+                                         "--do_eval", "--synthetic_eval_images", "2"))
+        assert seen and all(s == {"do_sample": do_sample, "top_p": top_p} for s in seen)
+
+
+def test_evaluation_reports_a_progress_step_per_batch(tmp_path):
+    from transformers import TrainerCallback
+
+    class Counter(TrainerCallback):
+        steps = 0
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            Counter.steps += 1
+
+    trainer = run_detection.main(tiny_run_args(tmp_path / "out", "--model_name_or_path",
+                                               str(saved_tiny_model(tmp_path / "model")), "--do_eval"))
+    trainer.add_callback(Counter)
+    trainer.evaluate()
+    assert Counter.steps == 2  # 5 images in batches of 3
+
+
+def test_model_loading_options_of_the_example(tmp_path, monkeypatch):
+    from transformers import HfArgumentParser
+
+    from image_processing_pix2seq import Pix2SeqImageProcessor
+
+    model_dir = saved_tiny_model(tmp_path / "model")
+    Pix2SeqImageProcessor(image_size=64, pad_value=0.5).save_pretrained(tmp_path / "processor")
+    parser = HfArgumentParser((run_detection.ModelArguments, run_detection.DataTrainingArguments))
+    model_args, data_args = parser.parse_args_into_dataclasses([
+        "--model_name_or_path", str(model_dir), "--image_processor_name", str(tmp_path / "processor"),
+        "--image_square_size", "32", "--cache_dir", str(tmp_path / "cache"), "--model_revision", "main",
+    ])
+    label_map = synthetic_split(False, 1).label_map
+    model = run_detection.build_model(model_args, data_args, label_map, max_instances=4)
+    processor = run_detection.build_image_processor(model_args, model.config)
+    assert type(model).__module__ == "modeling_pix2seq"  # this repository's class, not the folder's copy
+    assert model.config.image_size == 32 and processor.image_size == 32 and processor.pad_value == 0.5
+
+    loaded = []
+    auto_class = run_detection.AutoModelForObjectDetection
+    monkeypatch.setattr(auto_class, "from_pretrained", lambda *args, **kwargs: loaded.append(kwargs) or model)
+    model_args.trust_remote_code = True
+    run_detection.build_model(model_args, data_args, label_map, max_instances=4)
+    assert loaded and loaded[0]["trust_remote_code"] and loaded[0]["cache_dir"] == str(tmp_path / "cache")

@@ -4,10 +4,12 @@ checkpoint. The slow tests SIGKILL a real training process (this file is also th
 """
 
 import argparse
+import json
 import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +22,17 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from testing_utils import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection
-from training_safety import NonFiniteLossCallback, NonFiniteLossError, checkpoint_problem, last_complete_checkpoint
+from training_safety import (
+    LOCK_FILE_NAME,
+    NonFiniteLossCallback,
+    NonFiniteLossError,
+    OutputDirInUseError,
+    OutputDirLock,
+    check_output_dir,
+    checkpoint_problem,
+    last_complete_checkpoint,
+    resolve_resume,
+)
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -233,3 +245,45 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resume_skips_the_h
 
 if __name__ == "__main__":
     main()
+
+
+def test_a_second_lock_on_a_folder_in_use_fails_naming_the_holder(tmp_path):
+    with OutputDirLock(tmp_path / "out"):
+        with pytest.raises(OutputDirInUseError, match=rf"in use by process {os.getpid()} on "):
+            OutputDirLock(tmp_path / "out").__enter__()
+    assert not (tmp_path / "out" / LOCK_FILE_NAME).exists()  # released on exit
+    with OutputDirLock(tmp_path / "out"):
+        pass
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, caplog):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    (tmp_path / LOCK_FILE_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid}))
+    with caplog.at_level("WARNING"), OutputDirLock(tmp_path):
+        assert json.loads((tmp_path / LOCK_FILE_NAME).read_text())["pid"] == os.getpid()
+    assert f"left by process {dead_pid}" in caplog.text
+
+
+def test_output_dir_with_a_model_or_checkpoints_is_refused_unless_resumed_or_overwritten(tmp_path):
+    check_output_dir(tmp_path / "missing")
+    check_output_dir(tmp_path)  # empty
+    (tmp_path / "checkpoint-2").mkdir()
+    with pytest.raises(FileExistsError, match=r"already holds a saved model or checkpoints \(checkpoint-2\)"):
+        check_output_dir(tmp_path)
+    check_output_dir(tmp_path, resuming=True)
+    check_output_dir(tmp_path, overwrite=True)
+
+
+def test_resolve_resume(complete_run, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        assert resolve_resume("last", tmp_path) is None
+    assert "holds no complete checkpoint" in caplog.text
+    assert resolve_resume("last", complete_run, max_steps=6) == str(complete_run / "checkpoint-4")
+    with pytest.raises(ValueError, match="--max_steps 4 is at or below step 4"):
+        resolve_resume("last", complete_run, max_steps=4)
+    broken = tmp_path / "checkpoint-4"
+    shutil.copytree(complete_run / "checkpoint-4", broken)
+    truncate(broken / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-4: optimizer.pt is truncated"):
+        resolve_resume(str(broken), tmp_path)
