@@ -295,11 +295,14 @@ def test_train_val_split_holds_out_disjoint_images(tmp_path):
 def test_scale_jitter_takes_images_with_a_one_pixel_side(shape):
     torch.manual_seed(0)
     augmentation = TrainAugmentation(64, min_scale=0.3, max_scale=2.0)
+    processor = Pix2SeqImageProcessor(size={"longest_edge": 64})
     height, width = shape
     for _ in range(10):
-        canvas, boxes, labels = augmentation(torch.rand(3, height, width), torch.tensor([[0.0, 0.0, width, height]]),
-                                             torch.tensor([1]))
-        assert canvas.shape == (3, 64, 64) and len(boxes) == len(labels)
+        crop, boxes, labels = augmentation(torch.rand(3, height, width), torch.tensor([[0.0, 0.0, width, height]]),
+                                           torch.tensor([1]))
+        assert min(crop.shape[-2:]) >= 1 and max(crop.shape[-2:]) <= 64 and len(boxes) == len(labels)
+        canvas = processor(crop, do_resize=False, do_rescale=False, return_tensors="pt")["pixel_values"]
+        assert canvas.shape == (1, 3, 64, 64)
 
 
 def jpeg_bytes(width, height, **save_kwargs):
@@ -334,11 +337,12 @@ def test_training_boxes_follow_an_image_decoded_at_reduced_size(tmp_path):
     path.write_bytes(jpeg_bytes(4000, 3000))  # white block: x 2000-4000, y 750-1500
     augmentation = TrainAugmentation(64, min_scale=1.0, max_scale=1.0, flip_probability=0.0)
     targets = []
-    transform = TrainTransform(Pix2SeqImageProcessor(image_size=64), lambda boxes, labels: targets.append(boxes) or {},
-                               augmentation, ImageReader())
-    outputs = transform({"image": [{"path": str(path), "bytes": None}],
+    transform = TrainTransform(Pix2SeqImageProcessor(size={"longest_edge": 64}),
+                               lambda label: targets.append(label["boxes"]) or {}, augmentation, ImageReader())
+    outputs = transform({"image_id": [1], "image": [{"path": str(path), "bytes": None}],
                          "objects": [{"bbox": [[2000, 750, 2000, 750]], "category": [0]}]})
-    assert (targets[0] * 64)[0].tolist() == pytest.approx([32.0, 12.0, 64.0, 24.0])
+    # The processor's targets are cxcywh on the canvas: x 32-64, y 12-24 of 64 pixels.
+    assert (targets[0] * 64)[0].tolist() == pytest.approx([48.0, 18.0, 32.0, 12.0])
     assert outputs["pixel_values"][0][:, 13:23, 33:63].min() > 0.9
 
 
