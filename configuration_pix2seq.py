@@ -225,11 +225,14 @@ class Pix2SeqConfig(PretrainedConfig):
         self.label_smoothing = label_smoothing
         self.tie_word_embeddings = tie_word_embeddings
         # A model class registers one Auto class; the others are seeded here so that every saved folder maps them.
-        kwargs.setdefault("auto_map", {
-            "AutoConfig": "configuration_pix2seq.Pix2SeqConfig",
-            "AutoModel": "modeling_pix2seq.Pix2SeqModel",
-            "AutoModelForObjectDetection": "modeling_pix2seq.Pix2SeqForObjectDetection",
-        })
+        kwargs.setdefault(
+            "auto_map",
+            {
+                "AutoConfig": "configuration_pix2seq.Pix2SeqConfig",
+                "AutoModel": "modeling_pix2seq.Pix2SeqModel",
+                "AutoModelForObjectDetection": "modeling_pix2seq.Pix2SeqForObjectDetection",
+            },
+        )
         kwargs.setdefault("is_encoder_decoder", True)
         kwargs.setdefault("eos_token_id", pad_token_id)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -282,8 +285,11 @@ class Pix2SeqConfig(PretrainedConfig):
             raise ValueError(f"max_instances must be at least 1, got {self.max_instances}.")
         if min(self.id2label) < 0:
             raise ValueError(f"Class indices (keys of id2label) must be >= 0, got {min(self.id2label)}.")
-        specials = {"pad_token_id": self.pad_token_id, "task_token_id": self.task_token_id,
-                    "fake_class_token_id": self.fake_class_token_id}
+        specials = {
+            "pad_token_id": self.pad_token_id,
+            "task_token_id": self.task_token_id,
+            "fake_class_token_id": self.fake_class_token_id,
+        }
         for name, token in specials.items():
             if not 0 <= token < self.class_token_offset:
                 raise ValueError(

@@ -39,13 +39,15 @@ from synthetic_shapes import EVAL_INDEX_OFFSET, MAX_OBJECTS, SHAPE_CLASSES, draw
 
 logger = logging.getLogger(__name__)
 
-RECORD_FEATURES = Features({
-    "image_id": Value("int64"),
-    "image": Image(decode=False),
-    "width": Value("int32"),
-    "height": Value("int32"),
-    "objects": {"bbox": List(List(Value("float32"), length=4)), "category": List(Value("int64"))},
-})
+RECORD_FEATURES = Features(
+    {
+        "image_id": Value("int64"),
+        "image": Image(decode=False),
+        "width": Value("int32"),
+        "height": Value("int32"),
+        "objects": {"bbox": List(List(Value("float32"), length=4)), "category": List(Value("int64"))},
+    }
+)
 
 
 @dataclass
@@ -99,7 +101,9 @@ def load_coco_annotations(path):
         with open(path) as file:
             coco = json.load(file)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from error
+        raise ValueError(
+            f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+        ) from error
     if not isinstance(coco, dict):
         _fail(path, "top level", f"expected a JSON object, got {type(coco).__name__}")
     for key in ("images", "annotations", "categories"):
@@ -115,8 +119,11 @@ def load_coco_annotations(path):
         if not isinstance(image.get("file_name"), str):
             _fail(path, f"images[{index}] field 'file_name'", f"expected a string, got {image.get('file_name')!r}")
         if image["id"] in first_index:
-            _fail(path, f"images[{index}] field 'id'",
-                  f"{image['id']} repeats the id of images[{first_index[image['id']]}] (their annotations would mix)")
+            _fail(
+                path,
+                f"images[{index}] field 'id'",
+                f"{image['id']} repeats the id of images[{first_index[image['id']]}] (their annotations would mix)",
+            )
         first_index[image["id"]] = index
     for index, category in enumerate(coco["categories"]):
         if not isinstance(category.get("id"), int) or isinstance(category.get("id"), bool):
@@ -133,8 +140,11 @@ def load_coco_annotations(path):
     known = {category["id"] for category in coco["categories"]}
     missing = sorted({annotation["category_id"] for annotation in coco["annotations"]} - known)
     if missing:
-        _fail(path, "field 'category_id'",
-              f"annotations use category ids {missing} that are not in 'categories' {sorted(known)}")
+        _fail(
+            path,
+            "field 'category_id'",
+            f"annotations use category ids {missing} that are not in 'categories' {sorted(known)}",
+        )
     return coco
 
 
@@ -169,7 +179,8 @@ def shards_for(num_items, world_size=1, num_workers=0):
 def _stream(generate, num_shards, **kwargs):
     # A list in `gen_kwargs` is split into shards, one element each: pass shard numbers, iterate inside.
     return IterableDataset.from_generator(
-        generate, gen_kwargs={"shards": list(range(num_shards)), "num_shards": num_shards, **kwargs},
+        generate,
+        gen_kwargs={"shards": list(range(num_shards)), "num_shards": num_shards, **kwargs},
         features=RECORD_FEATURES,
     )
 
@@ -225,8 +236,17 @@ def held_out_ids(image_ids, fraction, seed=0):
     return set(random.Random(seed).sample(image_ids, count))
 
 
-def coco_split(images_dir, annotations_file, train, streaming=True, max_samples=None, world_size=1, num_workers=0,
-               hold_out_fraction=0.0, held_out=False):
+def coco_split(
+    images_dir,
+    annotations_file,
+    train,
+    streaming=True,
+    max_samples=None,
+    world_size=1,
+    num_workers=0,
+    hold_out_fraction=0.0,
+    held_out=False,
+):
     """
     A COCO folder as a split. Every image file's header is read first (in threads; no pixels are decoded): missing
     and unreadable files are skipped and counted, and a file whose size differs from the JSON `width`/`height` is
@@ -260,35 +280,52 @@ def coco_split(images_dir, annotations_file, train, streaming=True, max_samples=
     for image, path, file_size in zip(images, paths, file_sizes):
         annotations = per_image[image["id"]]
         if not train:
-            references.append({
-                "image_id": image["id"],
-                "boxes": [a["bbox"] for a in annotations],
-                "labels": [a["category_id"] for a in annotations],
-                "iscrowd": [int(a.get("iscrowd", 0)) for a in annotations],
-                "area": [float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in annotations],
-            })
+            references.append(
+                {
+                    "image_id": image["id"],
+                    "boxes": [a["bbox"] for a in annotations],
+                    "labels": [a["category_id"] for a in annotations],
+                    "iscrowd": [int(a.get("iscrowd", 0)) for a in annotations],
+                    "area": [float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in annotations],
+                }
+            )
         if file_size is None:
             stats["images_missing" if not os.path.exists(path) else "images_unreadable"] += 1
             continue
         width, height = file_size
         if (width, height) != (image["width"], image["height"]):
             stats["image_sizes_corrected"] += 1
-            resized.append(f"images[{position[image['id']]}] ({image['file_name']}): JSON width x height "
-                           f"{image['width']}x{image['height']}, file {width}x{height}")
+            resized.append(
+                f"images[{position[image['id']]}] ({image['file_name']}): JSON width x height "
+                f"{image['width']}x{image['height']}, file {width}x{height}"
+            )
         boxes, categories = clean_objects(
-            [a["bbox"] for a in annotations], [class_index[a["category_id"]] for a in annotations],
-            [a.get("iscrowd", 0) for a in annotations], width, height, stats,
+            [a["bbox"] for a in annotations],
+            [class_index[a["category_id"]] for a in annotations],
+            [a.get("iscrowd", 0) for a in annotations],
+            width,
+            height,
+            stats,
         )
         if train and not boxes:
             stats["images_without_objects_dropped"] += 1
             continue
-        records.append({
-            "image_id": image["id"], "image": path, "width": width, "height": height,
-            "objects": {"bbox": boxes, "category": categories},
-        })
+        records.append(
+            {
+                "image_id": image["id"],
+                "image": path,
+                "width": width,
+                "height": height,
+                "objects": {"bbox": boxes, "category": categories},
+            }
+        )
     if resized:
-        logger.warning("%s: %d images are not the size their 'width'/'height' fields say; using the files' sizes. "
-                       "First: %s.", annotations_file, len(resized), "; ".join(resized[:3]))
+        logger.warning(
+            "%s: %d images are not the size their 'width'/'height' fields say; using the files' sizes. First: %s.",
+            annotations_file,
+            len(resized),
+            "; ".join(resized[:3]),
+        )
     if stats:
         logger.info("%s: %s", annotations_file, dict(stats))
     if train and not records:
@@ -305,8 +342,13 @@ def coco_split(images_dir, annotations_file, train, streaming=True, max_samples=
 
 def _synthetic_record(index, image_size):
     image, boxes, labels = draw_example(index, image_size, MAX_OBJECTS)
-    return {"image_id": index, "image": image, "width": image_size, "height": image_size,
-            "objects": {"bbox": boxes, "category": labels}}
+    return {
+        "image_id": index,
+        "image": image,
+        "width": image_size,
+        "height": image_size,
+        "objects": {"bbox": boxes, "category": labels},
+    }
 
 
 def _synthetic_records(shards, num_shards, num_images, image_size):
@@ -327,8 +369,13 @@ def synthetic_split(train, num_images, image_size=96, world_size=1, num_workers=
         return DetectionSplit(dataset, label_map, max_objects=MAX_OBJECTS, num_examples=num_images)
     records = [_synthetic_record(EVAL_INDEX_OFFSET + i, image_size) for i in range(num_images)]
     references = [
-        {"image_id": r["image_id"], "boxes": r["objects"]["bbox"], "labels": r["objects"]["category"],
-         "iscrowd": [0] * len(r["objects"]["bbox"]), "area": [w * h for _, _, w, h in r["objects"]["bbox"]]}
+        {
+            "image_id": r["image_id"],
+            "boxes": r["objects"]["bbox"],
+            "labels": r["objects"]["category"],
+            "iscrowd": [0] * len(r["objects"]["bbox"]),
+            "area": [w * h for _, _, w, h in r["objects"]["bbox"]],
+        }
         for r in records
     ]
     return DetectionSplit(datasets.Dataset.from_list(records, features=RECORD_FEATURES), label_map, references)
@@ -360,8 +407,9 @@ def infer_bbox_format(rows, declared="auto"):
     return candidates[0]
 
 
-def hub_split(name, split, train, config_name=None, streaming=True, bbox_format="auto", max_samples=None,
-              **load_kwargs):
+def hub_split(
+    name, split, train, config_name=None, streaming=True, bbox_format="auto", max_samples=None, **load_kwargs
+):
     """
     A parquet detection data set (Hub id or local folder) in one of the schemas in the module docstring. `split` may
     slice (`"train[:85%]"`, read without streaming); `load_kwargs` go to `datasets.load_dataset`.
@@ -383,18 +431,37 @@ def hub_split(name, split, train, config_name=None, streaming=True, bbox_format=
     stats = Counter()
 
     def to_record(row, index):
-        boxes = [[x, y, a - x, b - y] for x, y, a, b in row["objects"]["bbox"]] if bbox_format == "xyxy" else row["objects"]["bbox"]
+        boxes = (
+            [[x, y, a - x, b - y] for x, y, a, b in row["objects"]["bbox"]]
+            if bbox_format == "xyxy"
+            else row["objects"]["bbox"]
+        )
         crowd = row["objects"].get("iscrowd", row["objects"].get("is_crowd", [0] * len(boxes)))
-        kept_boxes, categories = clean_objects(boxes, row["objects"]["category"], crowd, row["width"], row["height"], stats)
-        return {"image_id": row.get("image_id", index), "image": row["image"], "width": row["width"],
-                "height": row["height"], "objects": {"bbox": kept_boxes, "category": categories},
-                "reference": {"boxes": boxes, "labels": list(row["objects"]["category"]), "iscrowd": [int(c) for c in crowd]}}
+        kept_boxes, categories = clean_objects(
+            boxes, row["objects"]["category"], crowd, row["width"], row["height"], stats
+        )
+        return {
+            "image_id": row.get("image_id", index),
+            "image": row["image"],
+            "width": row["width"],
+            "height": row["height"],
+            "objects": {"bbox": kept_boxes, "category": categories},
+            "reference": {
+                "boxes": boxes,
+                "labels": list(row["objects"]["category"]),
+                "iscrowd": [int(c) for c in crowd],
+            },
+        }
 
     dataset = dataset.map(to_record, with_indices=True, remove_columns=list(dataset.features))
     references = None
     if not train:
         references = [
-            {"image_id": row["image_id"], **row["reference"], "area": [w * h for _, _, w, h in row["reference"]["boxes"]]}
+            {
+                "image_id": row["image_id"],
+                **row["reference"],
+                "area": [w * h for _, _, w, h in row["reference"]["boxes"]],
+            }
             for row in dataset
         ]
     dataset = dataset.remove_columns("reference")
@@ -436,8 +503,9 @@ class ImageReader:
             if self.fail_on_bad_records:
                 raise ValueError(f"Cannot read image {name}: {error}") from error
             self.num_skipped += 1
-            logger.warning("Skipped unreadable image %s (%s); %d skipped so far in this process.",
-                           name, error, self.num_skipped)
+            logger.warning(
+                "Skipped unreadable image %s (%s); %d skipped so far in this process.", name, error, self.num_skipped
+            )
             return None
 
     @staticmethod
@@ -507,7 +575,10 @@ class TrainAugmentation:
         crop_height, crop_width = min(height, self.image_size), min(width, self.image_size)
         top = int(torch.randint(0, height - crop_height + 1, ()))
         left = int(torch.randint(0, width - crop_width + 1, ()))
-        image, boxes = F.crop(image, top, left, crop_height, crop_width), F.crop(boxes, top, left, crop_height, crop_width)
+        image, boxes = (
+            F.crop(image, top, left, crop_height, crop_width),
+            F.crop(boxes, top, left, crop_height, crop_width),
+        )
         sample = self.sanitize(self.flip({"image": image, "boxes": F.clamp_bounding_boxes(boxes), "labels": labels}))
         return sample["image"].as_subclass(torch.Tensor), sample["boxes"].as_subclass(torch.Tensor), sample["labels"]
 
@@ -590,7 +661,11 @@ class EvalCollator:
                 sizes.append(read[1])
                 image_ids.append(row["image_id"])
         if not images:
-            return {"pixel_values": None, "image_ids": torch.zeros(0, dtype=torch.long), "target_sizes": torch.zeros(0, 2)}
+            return {
+                "pixel_values": None,
+                "image_ids": torch.zeros(0, dtype=torch.long),
+                "target_sizes": torch.zeros(0, 2),
+            }
         # The reader's pixels are in [0, 1] already.
         pixel_values = self.image_processor(images=images, do_rescale=False, return_tensors="pt")["pixel_values"]
         return {

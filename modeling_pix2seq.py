@@ -185,9 +185,13 @@ class Pix2SeqDecoderLayer(GradientCheckpointingLayer):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, hidden_states, encoder_hidden_states, attention_mask=None, cache=None):
-        self_attention = self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, cache=cache)
+        self_attention = self.self_attn(
+            self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, cache=cache
+        )
         hidden_states = hidden_states + self.drop_path(self_attention[0])
-        cross_attention = self.cross_attn(self.cross_attn_layer_norm(hidden_states), encoder_hidden_states, cache=cache)
+        cross_attention = self.cross_attn(
+            self.cross_attn_layer_norm(hidden_states), encoder_hidden_states, cache=cache
+        )
         hidden_states = hidden_states + self.drop_path(cross_attention[0])
         return hidden_states + self.drop_path(self.mlp(self.final_layer_norm(hidden_states)))
 
@@ -220,7 +224,11 @@ class Pix2SeqPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Embedding):
             init.trunc_normal_(module.weight, std=std)
             loaded = getattr(module.weight, "_is_hf_initialized", False)
-            if self.config.coordinate_embedding_init == "sincos" and module is self.get_input_embeddings() and not loaded:
+            if (
+                self.config.coordinate_embedding_init == "sincos"
+                and module is self.get_input_embeddings()
+                and not loaded
+            ):
                 start = self.config.coord_token_offset
                 rows = sincos_coordinate_embedding(self.config.num_bins, self.config.d_model, std)
                 init.copy_(module.weight[start : start + self.config.num_bins], rows)
@@ -237,7 +245,11 @@ class Pix2SeqBackbone(Pix2SeqPreTrainedModel):
         if not timm.is_model(config.backbone):
             raise ValueError(f"Unknown timm backbone {config.backbone!r}; see `timm.list_models()`.")
         self.timm_model = timm.create_model(
-            config.backbone, pretrained=False, features_only=True, in_chans=config.num_channels, **config.backbone_kwargs
+            config.backbone,
+            pretrained=False,
+            features_only=True,
+            in_chans=config.num_channels,
+            **config.backbone_kwargs,
         )
         self.num_features = self.timm_model.feature_info.channels()[-1]
         self.stride = self.timm_model.feature_info.reduction()[-1]
@@ -270,7 +282,10 @@ class Pix2SeqBackbone(Pix2SeqPreTrainedModel):
 
     def load_pretrained_weights(self):
         pretrained = timm.create_model(
-            self.config.backbone, pretrained=True, features_only=True, in_chans=self.config.num_channels,
+            self.config.backbone,
+            pretrained=True,
+            features_only=True,
+            in_chans=self.config.num_channels,
             **self.config.backbone_kwargs,
         )
         self.timm_model.load_state_dict(pretrained.state_dict())
@@ -358,7 +373,9 @@ class Pix2SeqDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.d_model)
         drop_paths = torch.linspace(0, config.drop_path_rate, config.decoder_layers).tolist()
-        self.layers = nn.ModuleList(Pix2SeqDecoderLayer(config, i, drop_paths[i]) for i in range(config.decoder_layers))
+        self.layers = nn.ModuleList(
+            Pix2SeqDecoderLayer(config, i, drop_paths[i]) for i in range(config.decoder_layers)
+        )
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
     def forward(self, input_ids, encoder_hidden_states, cache=None):
@@ -368,7 +385,9 @@ class Pix2SeqDecoder(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device) + past_length
         hidden_states = inputs_embeds + self.embed_positions(positions)
         self_attention_cache = cache.self_attention_cache if cache is not None else None
-        attention_mask = create_causal_mask(self.config, inputs_embeds, None, self_attention_cache, positions.unsqueeze(0))
+        attention_mask = create_causal_mask(
+            self.config, inputs_embeds, None, self_attention_cache, positions.unsqueeze(0)
+        )
         for layer in self.layers:
             hidden_states = layer(hidden_states, encoder_hidden_states, attention_mask, cache)
         return self.layer_norm(hidden_states)
@@ -414,7 +433,9 @@ class Pix2SeqModel(Pix2SeqPreTrainedModel):
             encoder_outputs = self.encoder(pixel_values)
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
-        hidden_states = self.decoder(decoder_input_ids, encoder_outputs.last_hidden_state, cache if use_cache else None)
+        hidden_states = self.decoder(
+            decoder_input_ids, encoder_outputs.last_hidden_state, cache if use_cache else None
+        )
         return Seq2SeqModelOutput(
             last_hidden_state=hidden_states,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
@@ -632,7 +653,9 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         With `cache_implementation="static"` and only these rules (no extra processors, beams or model kwargs), it runs
         Pix2Seq's own static decode loop instead (see `_generate_static`); its greedy output is the same.
         """
-        generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        generation_config = copy.deepcopy(
+            generation_config if generation_config is not None else self.generation_config
+        )
         kwargs = generation_config.update(**kwargs)
         if use_grammar is None:
             use_grammar = getattr(generation_config, "use_grammar", True)
@@ -642,7 +665,10 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         if use_grammar:
             processors.append(
                 Pix2SeqGrammarLogitsProcessor(
-                    self.tokenizer, self.config.vocab_size, allow_eos=self.config.eos_mode, greedy=not generation_config.do_sample
+                    self.tokenizer,
+                    self.config.vocab_size,
+                    allow_eos=self.config.eos_mode,
+                    greedy=not generation_config.do_sample,
                 )
             )
         top_p = generation_config.top_p
@@ -651,7 +677,9 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
             generation_config.top_p = 1.0
             generation_config.temperature = 1.0
         processors.extend(logits_processor or [])
-        return super().generate(pixel_values=pixel_values, logits_processor=processors, generation_config=generation_config, **kwargs)
+        return super().generate(
+            pixel_values=pixel_values, logits_processor=processors, generation_config=generation_config, **kwargs
+        )
 
     def _prepare_special_tokens(self, generation_config, kwargs_has_attention_mask=None, *args, **kwargs):
         # With PAD = EOS (Pix2Seq's layout) and no attention mask, transformers warns on every batch that padding in
@@ -757,14 +785,18 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
             self._compiled_decode_step_fn = torch.compile(self._decode_step, **compile_config.to_dict())
         return self._compiled_decode_step_fn
 
-    def _decode_step(self, input_ids, encoder_hidden_states, cache, blocked, finished, do_sample, top_p, temperature, eos_token_id):
+    def _decode_step(
+        self, input_ids, encoder_hidden_states, cache, blocked, finished, do_sample, top_p, temperature, eos_token_id
+    ):
         """One token for every sequence: `(B, 1)` ids -> `(B,)` next ids and their `(B, V)` raw logits."""
         logits = self.lm_head(self.model.decoder(input_ids, encoder_hidden_states, cache)[:, -1]).float()
         scores = logits.masked_fill(blocked, -float("inf"))
         if self.config.eos_mode and not do_sample:
             scores = choose_stop_or_object(scores, self.config.pad_token_id, self.tokenizer.coordinate_tokens)
         if do_sample:
-            scores = Pix2SeqTopPLogitsWarper(top_p, temperature)(input_ids, scores) if top_p < 1.0 else scores / temperature
+            scores = (
+                Pix2SeqTopPLogitsWarper(top_p, temperature)(input_ids, scores) if top_p < 1.0 else scores / temperature
+            )
             # Exponential race: a categorical sample that CUDA graphs can capture, unlike `torch.multinomial`.
             next_tokens = (scores.softmax(dim=-1) / torch.empty_like(scores).exponential_()).argmax(dim=-1)
         else:

@@ -75,25 +75,25 @@ COCO_MAP_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "coco_m
 # and two decoder layers, EOS mode. What made it learn faster on this CPU (benchmarks/RESULTS.md has the runs): no
 # dropout or stochastic depth on a 10-minute schedule, 48 bins (2 px each), sin-cos initialised coordinate embeddings,
 # and a 248-token vocabulary (classes from 100, coordinates from 200) instead of the official 3000.
-DEFAULT_MODEL = dict(
-    backbone="resnet18",
-    backbone_kwargs={"out_indices": (3,)},
-    image_size=96,
-    num_bins=48,
-    coord_token_offset=200,
-    vocab_size=248,
-    coordinate_embedding_init="sincos",
-    d_model=256,
-    encoder_layers=1,
-    decoder_layers=2,
-    encoder_attention_heads=8,
-    decoder_attention_heads=8,
-    encoder_ffn_dim=1024,
-    decoder_ffn_dim=1024,
-    dropout=0.0,
-    drop_path_rate=0.0,
-    eos_mode=True,
-)
+DEFAULT_MODEL = {
+    "backbone": "resnet18",
+    "backbone_kwargs": {"out_indices": (3,)},
+    "image_size": 96,
+    "num_bins": 48,
+    "coord_token_offset": 200,
+    "vocab_size": 248,
+    "coordinate_embedding_init": "sincos",
+    "d_model": 256,
+    "encoder_layers": 1,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 8,
+    "decoder_attention_heads": 8,
+    "encoder_ffn_dim": 1024,
+    "decoder_ffn_dim": 1024,
+    "dropout": 0.0,
+    "drop_path_rate": 0.0,
+    "eos_mode": True,
+}
 
 
 # The demo's step budget (it stops on its time budget near a third of these steps; learning needs the rate to stay
@@ -124,22 +124,28 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(
         default=False,
-        metadata={"help": "Load the config, model and image processor through the Auto classes with the code saved "
-                          "in their folder or Hub repository instead of this repository's classes. Use it only for "
-                          "repositories you trust and whose code you have read."},
+        metadata={
+            "help": "Load the config, model and image processor through the Auto classes with the code saved "
+            "in their folder or Hub repository instead of this repository's classes. Use it only for "
+            "repositories you trust and whose code you have read."
+        },
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "Config settings over the defaults or the loaded config, e.g. "
-                          "'backbone=resnet50,image_size=640,d_model=256,max_instances=100'."},
+        metadata={
+            "help": "Config settings over the defaults or the loaded config, e.g. "
+            "'backbone=resnet50,image_size=640,d_model=256,max_instances=100'."
+        },
     )
     use_pretrained_backbone: bool = field(
         default=False, metadata={"help": "Start a new model from the timm backbone's pretrained weights."}
     )
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "'sdpa' (default) or 'eager'. The CPU demo defaults to 'eager': on its 31-token sequences "
-                          "PyTorch's CPU flash-attention backward costs more than plain matrix products."},
+        metadata={
+            "help": "'sdpa' (default) or 'eager'. The CPU demo defaults to 'eager': on its 31-token sequences "
+            "PyTorch's CPU flash-attention backward costs more than plain matrix products."
+        },
     )
 
     @property
@@ -171,14 +177,18 @@ class DataTrainingArguments:
     eval_split: str = field(default="validation")
     train_val_split: float | None = field(
         default=0.15,
-        metadata={"help": "With training data and no evaluation data (no --eval_annotations, or no --eval_split in "
-                          "the data set), the fraction of the training images held out for evaluation; 0 holds out "
-                          "none."},
+        metadata={
+            "help": "With training data and no evaluation data (no --eval_annotations, or no --eval_split in "
+            "the data set), the fraction of the training images held out for evaluation; 0 holds out "
+            "none."
+        },
     )
     image_square_size: int | None = field(
         default=None,
-        metadata={"help": "Side of the square canvas every image is resized and padded to (the config's "
-                          "`image_size`): the model's own by default, 96 for a new demo model."},
+        metadata={
+            "help": "Side of the square canvas every image is resized and padded to (the config's "
+            "`image_size`): the model's own by default, 96 for a new demo model."
+        },
     )
     bbox_format: str = field(
         default="auto", metadata={"help": "Box format of --dataset_name: xywh, xyxy or auto (checked at run time)."}
@@ -206,8 +216,10 @@ class DataTrainingArguments:
     )
     num_prediction_images: int = field(
         default=8,
-        metadata={"help": "With --do_predict: evaluation images drawn with their predicted boxes into "
-                          "<output_dir>/predictions (all predictions go to <output_dir>/predictions.json)."},
+        metadata={
+            "help": "With --do_predict: evaluation images drawn with their predicted boxes into "
+            "<output_dir>/predictions (all predictions go to <output_dir>/predictions.json)."
+        },
     )
 
     @property
@@ -245,8 +257,10 @@ class Pix2SeqTrainingArguments(TrainingArguments):
     # (`lr_end`, which `min_lr_ratio` sets unless `--lr_scheduler_kwargs` gives it).
     lr_scheduler_type: SchedulerType | str = field(
         default="polynomial",
-        metadata={"help": "transformers' schedule name. The default, 'polynomial' (power 1), is the official "
-                          "linear warmup then linear decay to --min_lr_ratio of the rate; 'linear' decays to 0."},
+        metadata={
+            "help": "transformers' schedule name. The default, 'polynomial' (power 1), is the official "
+            "linear warmup then linear decay to --min_lr_ratio of the rate; 'linear' decays to 0."
+        },
     )
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 32
@@ -298,7 +312,9 @@ class TrainingTimeBudgetCallback(TrainerCallback):
         if self.world_size > 1:
             broadcast_object_list(over_budget)
         if over_budget[0]:
-            logger.info("Training time budget of %.1f minutes reached at step %d.", self.max_seconds / 60, state.global_step)
+            logger.info(
+                "Training time budget of %.1f minutes reached at step %d.", self.max_seconds / 60, state.global_step
+            )
             control.should_training_stop = True
             control.should_save = True
 
@@ -314,8 +330,9 @@ class DetectionTrainer(Trainer):
     Every folder it saves (the final model and each checkpoint) gets a model card (`README.md`).
     """
 
-    def __init__(self, *args, eval_collator=None, eval_references=None, category_ids=None, model_card_kwargs=None,
-                 **kwargs):
+    def __init__(
+        self, *args, eval_collator=None, eval_references=None, category_ids=None, model_card_kwargs=None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator
         self.eval_references = eval_references
@@ -345,7 +362,9 @@ class DetectionTrainer(Trainer):
     def predict_detections(self, dataset):
         """COCO-style detections (`image_id`, xywh `boxes`, `scores`, `labels` as category ids) for every image."""
         loader = DataLoader(
-            dataset, batch_size=self.args.eval_batch_size, collate_fn=self.eval_collator,
+            dataset,
+            batch_size=self.args.eval_batch_size,
+            collate_fn=self.eval_collator,
             num_workers=self.args.dataloader_num_workers,
         )
         loader = self.accelerator.prepare_data_loader(loader)
@@ -360,12 +379,14 @@ class DetectionTrainer(Trainer):
                     results = self.detect_batch(model, batch["pixel_values"], batch["target_sizes"])
                 for image_id, result in zip(batch["image_ids"].tolist(), results):
                     xyxy = result["boxes"].float().cpu()
-                    predictions.append({
-                        "image_id": image_id,
-                        "boxes": torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1).tolist(),
-                        "scores": result["scores"].float().cpu().tolist(),
-                        "labels": [self.category_ids[label] for label in result["labels"].tolist()],
-                    })
+                    predictions.append(
+                        {
+                            "image_id": image_id,
+                            "boxes": torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1).tolist(),
+                            "scores": result["scores"].float().cpu().tolist(),
+                            "labels": [self.category_ids[label] for label in result["labels"].tolist()],
+                        }
+                    )
             self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
         # Ranks may repeat images to even out their batches: keep one prediction per image.
         return list({p["image_id"]: p for p in gather_object(predictions)}.values())
@@ -379,8 +400,12 @@ class DetectionTrainer(Trainer):
         if not references:
             raise ValueError(f"No evaluation image could be read: all {skipped} were skipped (see the warnings).")
         if skipped:
-            logger.warning("Evaluation skipped %d of %d images that could not be read; mAP covers the other %d.",
-                           skipped, len(self.eval_references), len(references))
+            logger.warning(
+                "Evaluation skipped %d of %d images that could not be read; mAP covers the other %d.",
+                skipped,
+                len(self.eval_references),
+                len(references),
+            )
         metric = evaluate.load(COCO_MAP_PATH, keep_in_memory=True)
         scores = metric.compute(predictions=predictions, references=references, class_metrics=True)
         runtime = time.time() - start
@@ -401,30 +426,48 @@ class DetectionTrainer(Trainer):
 
 def build_splits(data_args, training_args, model_args=None, do_train=True, do_eval=True):
     """The training and evaluation `DetectionSplit`s the run needs (`None` for a step it does not run)."""
-    readers = dict(world_size=training_args.world_size, num_workers=training_args.dataloader_num_workers)
+    readers = {"world_size": training_args.world_size, "num_workers": training_args.dataloader_num_workers}
     hub_kwargs = {"cache_dir": model_args.cache_dir, "token": model_args.token} if model_args else {}
     train = evaluation = None
     if data_args.dataset_name:
         common = dict(config_name=data_args.dataset_config_name, bbox_format=data_args.bbox_format, **hub_kwargs)
         train_split, eval_split, streaming = data_args.train_split, data_args.eval_split, data_args.streaming
-        if do_eval and data_args.train_val_split and eval_split not in datasets.get_dataset_split_names(
-            data_args.dataset_name, data_args.dataset_config_name, **hub_kwargs
+        if (
+            do_eval
+            and data_args.train_val_split
+            and eval_split
+            not in datasets.get_dataset_split_names(
+                data_args.dataset_name, data_args.dataset_config_name, **hub_kwargs
+            )
         ):
             # Slices of a split are read whole, not streamed.
             percent = round(100 * (1 - data_args.train_val_split))
             train_split, eval_split, streaming = f"{train_split}[:{percent}%]", f"{train_split}[{percent}%:]", False
         if do_train:
-            train = hub_split(data_args.dataset_name, train_split, True, streaming=streaming,
-                              max_samples=data_args.max_train_samples, **common)
+            train = hub_split(
+                data_args.dataset_name,
+                train_split,
+                True,
+                streaming=streaming,
+                max_samples=data_args.max_train_samples,
+                **common,
+            )
         if do_eval:
-            evaluation = hub_split(data_args.dataset_name, eval_split, False, streaming=False,
-                                   max_samples=data_args.max_eval_samples, **common)
+            evaluation = hub_split(
+                data_args.dataset_name,
+                eval_split,
+                False,
+                streaming=False,
+                max_samples=data_args.max_eval_samples,
+                **common,
+            )
         return train, evaluation
     if data_args.uses_synthetic_data:
         size = data_args.synthetic_image_size
         if do_train:
-            train = synthetic_split(True, data_args.max_train_samples or data_args.synthetic_train_images, size,
-                                    **readers)
+            train = synthetic_split(
+                True, data_args.max_train_samples or data_args.synthetic_train_images, size, **readers
+            )
         if do_eval:
             evaluation = synthetic_split(False, data_args.max_eval_samples or data_args.synthetic_eval_images, size)
         return train, evaluation
@@ -432,25 +475,46 @@ def build_splits(data_args, training_args, model_args=None, do_train=True, do_ev
         root = data_args.coco_root
         data_args.train_images = data_args.train_images or os.path.join(root, "images", "train2017")
         data_args.train_annotations = data_args.train_annotations or os.path.join(
-            root, "annotations", "instances_train2017.json")
+            root, "annotations", "instances_train2017.json"
+        )
         data_args.eval_images = data_args.eval_images or os.path.join(root, "images", "val2017")
         data_args.eval_annotations = data_args.eval_annotations or os.path.join(
-            root, "annotations", "instances_val2017.json")
-    for images, annotations, name in ((data_args.train_images, data_args.train_annotations, "train"),
-                                      (data_args.eval_images, data_args.eval_annotations, "eval")):
+            root, "annotations", "instances_val2017.json"
+        )
+    for images, annotations, name in (
+        (data_args.train_images, data_args.train_annotations, "train"),
+        (data_args.eval_images, data_args.eval_annotations, "eval"),
+    ):
         if bool(images) != bool(annotations):
             raise ValueError(f"--{name}_images and --{name}_annotations go together; got only one of them.")
     hold_out = {}
     if do_eval and not data_args.eval_annotations and data_args.train_val_split:
         hold_out = {"hold_out_fraction": data_args.train_val_split}
     if do_train:
-        train = coco_split(data_args.train_images, data_args.train_annotations, True, streaming=data_args.streaming,
-                           max_samples=data_args.max_train_samples, **hold_out, **readers)
+        train = coco_split(
+            data_args.train_images,
+            data_args.train_annotations,
+            True,
+            streaming=data_args.streaming,
+            max_samples=data_args.max_train_samples,
+            **hold_out,
+            **readers,
+        )
     if do_eval:
-        images, annotations = (data_args.eval_images, data_args.eval_annotations) if not hold_out else (
-            data_args.train_images, data_args.train_annotations)
-        evaluation = coco_split(images, annotations, False, streaming=False, max_samples=data_args.max_eval_samples,
-                                held_out=bool(hold_out), **hold_out)
+        images, annotations = (
+            (data_args.eval_images, data_args.eval_annotations)
+            if not hold_out
+            else (data_args.train_images, data_args.train_annotations)
+        )
+        evaluation = coco_split(
+            images,
+            annotations,
+            False,
+            streaming=False,
+            max_samples=data_args.max_eval_samples,
+            held_out=bool(hold_out),
+            **hold_out,
+        )
     return train, evaluation
 
 
@@ -461,7 +525,9 @@ def resolve_steps(data_args, training_args):
     by `--train_val_split`, or the demo's).
     """
     has_eval_data = bool(
-        data_args.uses_synthetic_data or data_args.eval_annotations or data_args.coco_root
+        data_args.uses_synthetic_data
+        or data_args.eval_annotations
+        or data_args.coco_root
         or (data_args.has_training_data and data_args.train_val_split)
         or data_args.dataset_name
     )
@@ -472,11 +538,15 @@ def resolve_steps(data_args, training_args):
     # Evaluating during training (`--eval_strategy`) needs the evaluation data too.
     do_eval = do_eval or training_args.eval_strategy != "no"
     if do_train and not data_args.has_training_data:
-        raise ValueError("--do_train needs training data: --train_images/--train_annotations, --coco_root or "
-                         "--dataset_name (or no data flag at all for the synthetic demo).")
+        raise ValueError(
+            "--do_train needs training data: --train_images/--train_annotations, --coco_root or "
+            "--dataset_name (or no data flag at all for the synthetic demo)."
+        )
     if (do_eval or do_predict) and not has_eval_data:
-        raise ValueError("--do_eval and --do_predict need evaluation data: --eval_images/--eval_annotations, "
-                         "--coco_root, --dataset_name or --train_val_split with training data.")
+        raise ValueError(
+            "--do_eval and --do_predict need evaluation data: --eval_images/--eval_annotations, "
+            "--coco_root, --dataset_name or --train_val_split with training data."
+        )
     return do_train, do_eval, do_predict
 
 
@@ -485,7 +555,7 @@ def build_model(model_args, data_args, label_map, max_instances, train=True):
     A new Pix2Seq (`DEFAULT_MODEL` + overrides) or a saved one. A model that trains takes the data's label set; one
     that only evaluates keeps its own, which must be the data's.
     """
-    labels = dict(id2label=label_map.id2label, label2id={name: i for i, name in label_map.id2label.items()})
+    labels = {"id2label": label_map.id2label, "label2id": {name: i for i, name in label_map.id2label.items()}}
     config_class, model_class, hub_kwargs = Pix2SeqConfig, Pix2SeqForObjectDetection, model_args.hub_kwargs
     if model_args.trust_remote_code:
         # The Auto classes run the code saved with the model (its `auto_map`).
@@ -500,8 +570,12 @@ def build_model(model_args, data_args, label_map, max_instances, train=True):
                 f"{label_map.names}; evaluate it on data with its classes, or fine-tune it with --do_train."
             )
     else:
-        config = Pix2SeqConfig(**DEFAULT_MODEL, max_instances=max_instances,
-                               use_pretrained_backbone=model_args.use_pretrained_backbone, **labels)
+        config = Pix2SeqConfig(
+            **DEFAULT_MODEL,
+            max_instances=max_instances,
+            use_pretrained_backbone=model_args.use_pretrained_backbone,
+            **labels,
+        )
     overrides = model_args.config_overrides
     if data_args.image_square_size:
         overrides = ",".join(filter(None, [overrides, f"image_size={data_args.image_square_size}"]))
@@ -562,7 +636,8 @@ def summarize_data_cleaning(splits):
     """One WARNING for the run: what cleaning the annotations dropped, clipped or corrected, per split."""
     parts = [
         f"{name}: " + ", ".join(f"{count} {what.replace('_', ' ')}" for what, count in sorted(split.stats.items()))
-        for name, split in splits.items() if split is not None and split.stats
+        for name, split in splits.items()
+        if split is not None and split.stats
     ]
     if parts:
         logger.warning("Data cleaning (details at INFO): %s.", "; ".join(parts))
@@ -585,7 +660,8 @@ def write_predictions(predictions, path):
     """The detections as a COCO results file (`image_id`, `category_id`, `bbox` xywh, `score`)."""
     results = [
         {"image_id": p["image_id"], "category_id": label, "bbox": box, "score": score}
-        for p in predictions for box, score, label in zip(p["boxes"], p["scores"], p["labels"])
+        for p in predictions
+        for box, score, label in zip(p["boxes"], p["scores"], p["labels"])
     ]
     with open(path, "w") as file:
         json.dump(results, file)
@@ -603,8 +679,9 @@ def main(argv=None):
         model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=training_args.get_process_log_level())
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level()
+    )
     do_train, do_eval, do_predict = resolve_steps(data_args, training_args)
     training_args.do_train, training_args.do_eval, training_args.do_predict = do_train, do_eval, do_predict
     # Batches hold per-rank augmented tensors; dispatching them from rank 0 would make rank 0 do all data work.
@@ -624,10 +701,15 @@ def main(argv=None):
     with lock:
         resume = None
         if do_train:
-            resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
-                                    training_args.max_steps, require_optimizer=not training_args.save_only_model)
-            check_output_dir(training_args.output_dir, resuming=resume is not None,
-                             overwrite=training_args.overwrite_output_dir)
+            resume = resolve_resume(
+                training_args.resume_from_checkpoint,
+                training_args.output_dir,
+                training_args.max_steps,
+                require_optimizer=not training_args.save_only_model,
+            )
+            check_output_dir(
+                training_args.output_dir, resuming=resume is not None, overwrite=training_args.overwrite_output_dir
+            )
         return run(model_args, data_args, training_args, resume, (min_scale, max_scale))
 
 
@@ -654,17 +736,20 @@ def run(model_args, data_args, training_args, resume, scales):
         augmentation = TrainAugmentation(model.config.image_size, *scales)
         # More objects than `max_instances`: the tokenizer shuffles them and keeps the first ones (a random subset).
         transform = TrainTransform(image_processor, model.tokenizer.encode_target, augmentation, reader)
-        train_dataset = train_stream(train_split, transform, seed=training_args.seed,
-                                     shuffle_buffer_size=data_args.shuffle_buffer_size)
+        train_dataset = train_stream(
+            train_split, transform, seed=training_args.seed, shuffle_buffer_size=data_args.shuffle_buffer_size
+        )
         if training_args.max_steps <= 0:
             training_args.max_steps = epochs_to_steps(data_args, training_args, train_split)
     callbacks = [NonFiniteLossCallback()]
     if training_args.max_train_minutes:
         callbacks.append(TrainingTimeBudgetCallback(training_args.max_train_minutes, training_args.world_size))
-    model_card_kwargs = {"finetuned_from": model_args.model_name_or_path, "tasks": "object-detection",
-                         "dataset": data_args.dataset_name or ("synthetic shapes" if data_args.uses_synthetic_data
-                                                               else None),
-                         "tags": ["pix2seq", "object-detection", "vision"]}
+    model_card_kwargs = {
+        "finetuned_from": model_args.model_name_or_path,
+        "tasks": "object-detection",
+        "dataset": data_args.dataset_name or ("synthetic shapes" if data_args.uses_synthetic_data else None),
+        "tags": ["pix2seq", "object-detection", "vision"],
+    }
     trainer = DetectionTrainer(
         model=model,
         args=training_args,
@@ -694,9 +779,14 @@ def run(model_args, data_args, training_args, resume, scales):
         if trainer.is_world_process_zero():
             write_predictions(predictions, os.path.join(training_args.output_dir, "predictions.json"))
             if data_args.num_prediction_images:
-                draw_predictions(eval_split.dataset, predictions, model.config.id2label, label_map.category_ids,
-                                 os.path.join(training_args.output_dir, "predictions"),
-                                 data_args.num_prediction_images)
+                draw_predictions(
+                    eval_split.dataset,
+                    predictions,
+                    model.config.id2label,
+                    label_map.category_ids,
+                    os.path.join(training_args.output_dir, "predictions"),
+                    data_args.num_prediction_images,
+                )
     if training_args.push_to_hub:
         trainer.push_to_hub(**model_card_kwargs)
     return trainer
@@ -707,12 +797,16 @@ def epochs_to_steps(data_args, training_args, split):
     if data_args.uses_synthetic_data:
         return DEMO_MAX_STEPS
     if split.num_examples is None:
-        raise ValueError("This streamed data set does not say how many examples it holds: give --max_steps, or "
-                         "--streaming false so that --num_train_epochs can be counted.")
-    examples_per_step = (training_args.per_device_train_batch_size * training_args.world_size
-                         * training_args.gradient_accumulation_steps)
+        raise ValueError(
+            "This streamed data set does not say how many examples it holds: give --max_steps, or "
+            "--streaming false so that --num_train_epochs can be counted."
+        )
+    examples_per_step = (
+        training_args.per_device_train_batch_size
+        * training_args.world_size
+        * training_args.gradient_accumulation_steps
+    )
     return max(1, math.ceil(split.num_examples * training_args.num_train_epochs / examples_per_step))
-
 
 
 if __name__ == "__main__":

@@ -54,7 +54,10 @@ def _covered_fraction(a, b):
     """The fraction of the smaller of boxes `a` and `b` that their intersection covers."""
     inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    area = lambda box: (box[2] - box[0]) * (box[3] - box[1])
+
+    def area(box):
+        return (box[2] - box[0]) * (box[3] - box[1])
+
     return inter_w * inter_h / min(area(a), area(b))
 
 
@@ -62,7 +65,11 @@ def _contrasting_colour(rng, image, box, min_distance=100.0):
     """A colour at least `min_distance` (RGB Euclidean) from the mean of what `image` shows under `box`, so that every
     annotated shape can be seen; the most distant of 20 draws if none is that far."""
     x0, y0, x1, y1 = (int(v) for v in box)
-    under = np.asarray(image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))), dtype=np.float32).reshape(-1, 3).mean(axis=0)
+    under = (
+        np.asarray(image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))), dtype=np.float32)
+        .reshape(-1, 3)
+        .mean(axis=0)
+    )
     best, best_distance = None, -1.0
     for _ in range(20):
         colour = _colour(rng)

@@ -109,7 +109,9 @@ class Pix2SeqTokenizer:
         noise_boxes = self.noise_boxes(boxes, num_noise, generator)
 
         real_tokens = self.encode(boxes, labels)
-        noise_tokens = self.encode(noise_boxes, torch.full((num_noise,), self.fake_class_token_id - self.class_token_offset))
+        noise_tokens = self.encode(
+            noise_boxes, torch.full((num_noise,), self.fake_class_token_id - self.class_token_offset)
+        )
         object_tokens = torch.cat([real_tokens, noise_tokens])
         input_tokens = self.corrupt_class_tokens(object_tokens, generator)
 
@@ -133,7 +135,9 @@ class Pix2SeqTokenizer:
             inputs = torch.cat([torch.tensor([self.task_token_id]), input_tokens[:-1]])
         padding = self.sequence_length - len(targets)
         return {
-            "decoder_input_ids": torch.nn.functional.pad(inputs, (0, self.sequence_length - len(inputs)), value=self.pad_token_id),
+            "decoder_input_ids": torch.nn.functional.pad(
+                inputs, (0, self.sequence_length - len(inputs)), value=self.pad_token_id
+            ),
             "labels": torch.nn.functional.pad(targets, (0, padding), value=self.pad_token_id),
             "token_weights": torch.nn.functional.pad(weights, (0, padding), value=self.eos_token_weight),
         }
@@ -165,7 +169,9 @@ class Pix2SeqTokenizer:
         sizes = boxes[:, 2:] - boxes[:, :2]  # (N, 2) as w, h
 
         centers = torch.rand(num_bad, 2, generator=generator)
-        random_sizes = torch.nn.init.trunc_normal_(torch.empty(num_bad, 2), 0.0, 0.5, -1.0, 1.0, generator=generator).abs()
+        random_sizes = torch.nn.init.trunc_normal_(
+            torch.empty(num_bad, 2), 0.0, 0.5, -1.0, 1.0, generator=generator
+        ).abs()
         if num_real:
             shifted_sizes = sizes[torch.randint(0, num_real, (num_bad,), generator=generator)]
             use_shifted = torch.rand(num_bad, 1, generator=generator) < 0.5
@@ -195,7 +201,9 @@ class Pix2SeqTokenizer:
         candidates = {
             "real": classes,
             # The official corruption draws from every class slot, not only the classes of the label set.
-            "rand": torch.randint(self.class_token_offset, self.coord_token_offset, classes.shape, generator=generator),
+            "rand": torch.randint(
+                self.class_token_offset, self.coord_token_offset, classes.shape, generator=generator
+            ),
             "fake": torch.full_like(classes, self.fake_class_token_id),
         }
         pick = torch.randint(0, len(choices), classes.shape, generator=generator)
@@ -235,7 +243,9 @@ class Pix2SeqTokenizer:
         x = torch.sort(yxyx[..., 1::2], dim=-1).values
         boxes = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
 
-        class_logits = logits[:, : 5 * num_objects].reshape(batch_size, num_objects, 5, logits.shape[-1])[:, :, 4].float()
+        class_logits = (
+            logits[:, : 5 * num_objects].reshape(batch_size, num_objects, 5, logits.shape[-1])[:, :, 4].float()
+        )
         class_logits = class_logits.nan_to_num(nan=-1e4, posinf=1e4, neginf=-1e4)
         class_token_ids = self.class_token_ids.to(class_logits.device)
         probs = class_logits.softmax(dim=-1)[..., class_token_ids]

@@ -211,7 +211,8 @@ def saved_model_contents(output_dir):
     if not output_dir.is_dir():
         return []
     return sorted(
-        path.name for path in output_dir.iterdir()
+        path.name
+        for path in output_dir.iterdir()
         if path.name in SAVED_MODEL_FILES or (path.is_dir() and CHECKPOINT_PATTERN.match(path.name))
     )
 
@@ -274,8 +275,9 @@ class OutputDirLock:
             except FileExistsError:
                 holder = self.holder()
                 if holder and holder.get("host") == record["host"] and not _process_alive(holder.get("pid", -1)):
-                    logger.warning("Taking over %s, left by process %s, which no longer runs.",
-                                   self.path, holder["pid"])
+                    logger.warning(
+                        "Taking over %s, left by process %s, which no longer runs.", self.path, holder["pid"]
+                    )
                     self.path.unlink(missing_ok=True)
                     continue
                 if holder is None:

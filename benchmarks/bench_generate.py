@@ -26,12 +26,17 @@ from configuration_pix2seq import Pix2SeqConfig
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection
 
+
 BCCD = Path("/work/shared/data/bccd")
 
 
 def machine_info():
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
         platform.processor(),
     )
     return {
@@ -79,7 +84,10 @@ def bench_decoding(model, image_size, num_tokens, repeats):
         encoder_seconds, _ = best_time("encoder", lambda: model.get_encoder()(pixel_values), repeats)
     greedy = {"do_sample": False, "max_new_tokens": num_tokens}
     methods = {
-        "generate, static cache (Pix2Seq loop)": (lambda: model.generate(pixel_values, cache_implementation="static", **greedy), repeats),
+        "generate, static cache (Pix2Seq loop)": (
+            lambda: model.generate(pixel_values, cache_implementation="static", **greedy),
+            repeats,
+        ),
         "generate, dynamic cache (GenerationMixin)": (lambda: model.generate(pixel_values, **greedy), repeats),
         "generate, no cache (GenerationMixin)": (lambda: model.generate(pixel_values, use_cache=False, **greedy), 1),
         "seed-style loop (no cache, no generate)": (lambda: seed_style_generate(model, pixel_values, num_tokens), 1),
@@ -88,16 +96,18 @@ def bench_decoding(model, image_size, num_tokens, repeats):
     for name, (function, method_repeats) in methods.items():
         seconds, tokens = best_time(name, function, method_repeats)
         reference = tokens if reference is None else reference
-        rows.append({
-            "method": name,
-            "batch_size": 1,
-            "new_tokens": tokens.shape[1] - 1,
-            "seconds_with_encoder": seconds,
-            "decode_ms_per_token": (seconds - encoder_seconds) / (tokens.shape[1] - 1) * 1e3,
-            # The seed loop has no grammar, so only the generate variants must agree token for token.
-            "tokens_equal_static": bool(torch.equal(tokens, reference)),
-            "repeats": method_repeats,
-        })
+        rows.append(
+            {
+                "method": name,
+                "batch_size": 1,
+                "new_tokens": tokens.shape[1] - 1,
+                "seconds_with_encoder": seconds,
+                "decode_ms_per_token": (seconds - encoder_seconds) / (tokens.shape[1] - 1) * 1e3,
+                # The seed loop has no grammar, so only the generate variants must agree token for token.
+                "tokens_equal_static": bool(torch.equal(tokens, reference)),
+                "repeats": method_repeats,
+            }
+        )
     baseline = rows[0]["decode_ms_per_token"]
     for row in rows:
         row["slowdown_vs_static"] = row["decode_ms_per_token"] / baseline
@@ -125,7 +135,9 @@ def bench_end_to_end(image_size, num_images, repeats):
     def pix2seq(model, **generate_kwargs):
         pixel_values = processor(images, return_tensors="pt")["pixel_values"]
         outputs = model.detect(pixel_values, **generate_kwargs)
-        return processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=target_sizes), outputs.sequences.shape[1]
+        return processor.post_process_object_detection(
+            outputs, threshold=0.0, target_sizes=target_sizes
+        ), outputs.sequences.shape[1]
 
     # Random weights never choose EOS: an EOS-mode model that stops after the annotated objects writes exactly
     # 5 * max(objects in the batch) + 1 tokens (the batch runs until its last image ends), so that is what is timed.
@@ -137,35 +149,48 @@ def bench_end_to_end(image_size, num_images, repeats):
     def detr_inference():
         inputs = detr_processor(images, return_tensors="pt")
         outputs = detr(**inputs)
-        return detr_processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=target_sizes), detr.config.num_queries
+        return detr_processor.post_process_object_detection(
+            outputs, threshold=0.0, target_sizes=target_sizes
+        ), detr.config.num_queries
 
     methods = {
         "Pix2Seq fixed 500 tokens, static loop": lambda: pix2seq(fixed, cache_implementation="static"),
         "Pix2Seq fixed 500 tokens, GenerationMixin": lambda: pix2seq(fixed),
-        "Pix2Seq EOS mode, static loop": lambda: pix2seq(eos, cache_implementation="static", max_new_tokens=eos_tokens),
+        "Pix2Seq EOS mode, static loop": lambda: pix2seq(
+            eos, cache_implementation="static", max_new_tokens=eos_tokens
+        ),
         "HF DETR-R50 forward": detr_inference,
     }
     rows = []
     for name, function in methods.items():
         seconds, (_, tokens) = best_time(name, function, repeats)
-        rows.append({
-            "method": name,
-            "images": len(images),
-            "batch_size": len(images),
-            "tokens_or_queries": tokens,
-            "seconds": seconds,
-            "images_per_second": len(images) / seconds,
-            "repeats": repeats,
-        })
+        rows.append(
+            {
+                "method": name,
+                "images": len(images),
+                "batch_size": len(images),
+                "tokens_or_queries": tokens,
+                "seconds": seconds,
+                "images_per_second": len(images) / seconds,
+                "repeats": repeats,
+            }
+        )
     return object_counts, rows
 
 
 def print_table(title, rows, columns):
-    text = [[f"{row[column]:.3f}" if isinstance(row[column], float) else str(row[column]) for column in columns] for row in rows]
+    text = [
+        [f"{row[column]:.3f}" if isinstance(row[column], float) else str(row[column]) for column in columns]
+        for row in rows
+    ]
     widths = [max(len(cell) for cell in [column, *(line[i] for line in text)]) for i, column in enumerate(columns)]
     print(f"\n{title}")
     for line in [columns, *text]:
-        print(" | ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(line, widths))))
+        print(
+            " | ".join(
+                cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(line, widths))
+            )
+        )
 
 
 def main():
@@ -201,7 +226,14 @@ def main():
     print_table(
         f"Decoding {args.tokens} tokens, batch 1, {args.image_size} px (encoder alone: {encoder_seconds:.3f} s)",
         decoding,
-        ["method", "new_tokens", "seconds_with_encoder", "decode_ms_per_token", "slowdown_vs_static", "tokens_equal_static"],
+        [
+            "method",
+            "new_tokens",
+            "seconds_with_encoder",
+            "decode_ms_per_token",
+            "slowdown_vs_static",
+            "tokens_equal_static",
+        ],
     )
     print_table(
         f"End to end on {args.images} BCCD images in one batch ({object_counts} objects)",

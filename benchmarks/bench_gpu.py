@@ -34,6 +34,7 @@ from configuration_pix2seq import Pix2SeqConfig
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection, Pix2SeqGrammarLogitsProcessor
 
+
 # COCO val2017: 36,781 boxes on 4,952 images. Object counts are drawn from a geometric law with that mean (truncated
 # to [1, 100]), a stand-in for the real long-tailed histogram, which is not available offline.
 COCO_MEAN_OBJECTS = 36781 / 4952
@@ -42,18 +43,48 @@ COCO_MEAN_OBJECTS = 36781 / 4952
 def settings(smoke):
     if smoke:
         return {
-            "image_size": 64, "batch_sizes": [1, 4], "generate_batch_size": 4, "train_batch_size": 4,
-            "image_height_width": (48, 64), "timed_runs": 2, "train_steps": 2,
-            "pix2seq": dict(backbone="resnet18", image_size=64, d_model=32, encoder_layers=1, decoder_layers=2,
-                            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                            max_instances=10, num_bins=64, max_position_embeddings=64),
-            "detr": dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10),
+            "image_size": 64,
+            "batch_sizes": [1, 4],
+            "generate_batch_size": 4,
+            "train_batch_size": 4,
+            "image_height_width": (48, 64),
+            "timed_runs": 2,
+            "train_steps": 2,
+            "pix2seq": {
+                "backbone": "resnet18",
+                "image_size": 64,
+                "d_model": 32,
+                "encoder_layers": 1,
+                "decoder_layers": 2,
+                "encoder_attention_heads": 4,
+                "decoder_attention_heads": 4,
+                "encoder_ffn_dim": 64,
+                "decoder_ffn_dim": 64,
+                "max_instances": 10,
+                "num_bins": 64,
+                "max_position_embeddings": 64,
+            },
+            "detr": {
+                "d_model": 32,
+                "encoder_layers": 1,
+                "decoder_layers": 1,
+                "encoder_attention_heads": 4,
+                "decoder_attention_heads": 4,
+                "encoder_ffn_dim": 64,
+                "decoder_ffn_dim": 64,
+                "num_queries": 10,
+            },
         }
     return {
-        "image_size": 640, "batch_sizes": [1, 32, 128], "generate_batch_size": 32, "train_batch_size": 16,
-        "image_height_width": (480, 640), "timed_runs": 3, "train_steps": 10,
-        "pix2seq": dict(image_size=640), "detr": {},
+        "image_size": 640,
+        "batch_sizes": [1, 32, 128],
+        "generate_batch_size": 32,
+        "train_batch_size": 16,
+        "image_height_width": (480, 640),
+        "timed_runs": 3,
+        "train_steps": 10,
+        "pix2seq": {"image_size": 640},
+        "detr": {},
     }
 
 
@@ -72,7 +103,13 @@ class Benchmark:
 
     def measure(self, section, name, batch_size, function, warmup=1, runs=None, images=None, **extra):
         """Best wall time of `runs` calls after `warmup` calls; `images` per call defaults to the batch size."""
-        row = {"section": section, "name": name, "batch_size": batch_size, "images_per_call": images or batch_size, **extra}
+        row = {
+            "section": section,
+            "name": name,
+            "batch_size": batch_size,
+            "images_per_call": images or batch_size,
+            **extra,
+        }
         try:
             start = time.perf_counter()
             for _ in range(warmup):
@@ -93,7 +130,11 @@ class Benchmark:
             row["traceback"] = traceback.format_exc()[-3000:]
         self.results["rows"].append(row)
         self.write()
-        shown = f"{row['images_per_second']:10.1f} img/s  {row['seconds'] * 1e3:9.1f} ms" if "seconds" in row else row["error"][:200]
+        shown = (
+            f"{row['images_per_second']:10.1f} img/s  {row['seconds'] * 1e3:9.1f} ms"
+            if "seconds" in row
+            else row["error"][:200]
+        )
         print(f"{section:10} {name:52} batch {batch_size:4}  {shown}", flush=True)
         return row
 
@@ -104,8 +145,12 @@ class Benchmark:
 
 def machine_info(device):
     info = {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "timm": timm.__version__, "cpu_count": os.cpu_count(), "device": str(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "timm": timm.__version__,
+        "cpu_count": os.cpu_count(),
+        "device": str(device),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -148,7 +193,9 @@ def stock_generate(model, processor, images, **generate_kwargs):
     def run():
         pixel_values = processor(images, return_tensors="pt")["pixel_values"].to(model.device, model.dtype)
         grammar = Pix2SeqGrammarLogitsProcessor(model.tokenizer, model.config.vocab_size)
-        sequences = GenerationMixin.generate(model, pixel_values, logits_processor=[grammar], do_sample=False, **generate_kwargs)
+        sequences = GenerationMixin.generate(
+            model, pixel_values, logits_processor=[grammar], do_sample=False, **generate_kwargs
+        )
         return {"generated_tokens": sequences.shape[1] - 1}
 
     return run
@@ -186,8 +233,12 @@ def detr_training_batch(batch_size, image_size, device, generator):
         count = coco_like_object_counts(1, generator, max_instances=100)[0]
         centers = torch.rand(count, 2, generator=generator) * 0.6 + 0.2
         sizes = torch.rand(count, 2, generator=generator) * 0.3 + 0.05
-        labels.append({"class_labels": torch.randint(1, 91, (count,), generator=generator).to(device),
-                       "boxes": torch.cat([centers, sizes], dim=1).to(device)})
+        labels.append(
+            {
+                "class_labels": torch.randint(1, 91, (count,), generator=generator).to(device),
+                "boxes": torch.cat([centers, sizes], dim=1).to(device),
+            }
+        )
     pixel_values = torch.rand(batch_size, 3, image_size, image_size, generator=generator).to(device)
     return {"pixel_values": pixel_values.contiguous(memory_format=torch.channels_last), "labels": labels}
 
@@ -224,13 +275,17 @@ def main():
     processor = Pix2SeqImageProcessor(image_size=config["image_size"])
     detr_config = DetrConfig(use_pretrained_backbone=False, num_labels=91, **config["detr"])
     detr = DetrForObjectDetection(detr_config).to(device, dtype).eval().to(memory_format=torch.channels_last)
-    detr_processor = DetrImageProcessor(size={"shortest_edge": config["image_size"], "longest_edge": config["image_size"]})
+    detr_processor = DetrImageProcessor(
+        size={"shortest_edge": config["image_size"], "longest_edge": config["image_size"]}
+    )
 
     # Decoded images as uint8 tensors already on the device, COCO's typical 640x480: JPEG decoding is left out
     # for every model alike.
     height, width = config["image_height_width"]
     max_batch = max(config["batch_sizes"])
-    all_images = torch.randint(0, 256, (max_batch, 3, height, width), dtype=torch.uint8, generator=generator).to(device)
+    all_images = torch.randint(0, 256, (max_batch, 3, height, width), dtype=torch.uint8, generator=generator).to(
+        device
+    )
     fast = {"cache_implementation": "static", "compile_config": compile_config}
 
     for batch_size in config["batch_sizes"]:
@@ -238,25 +293,46 @@ def main():
         target_sizes = [(height, width)] * batch_size
         if "fixed" not in args.skip:
             name = f"Pix2Seq fixed {fixed.config.sequence_length} tokens, static loop"
-            row = bench.measure("inference", name, batch_size,
-                                pix2seq_inference(fixed, processor, images, target_sizes, **fast), warmup=2)
+            row = bench.measure(
+                "inference",
+                name,
+                batch_size,
+                pix2seq_inference(fixed, processor, images, target_sizes, **fast),
+                warmup=2,
+            )
             if "error" in row:
                 # Still a figure for the static loop if compilation fails on this machine.
-                bench.measure("inference", f"{name}, not compiled", batch_size,
-                              pix2seq_inference(fixed, processor, images, target_sizes, cache_implementation="static",
-                                                disable_compile=True))
+                bench.measure(
+                    "inference",
+                    f"{name}, not compiled",
+                    batch_size,
+                    pix2seq_inference(
+                        fixed, processor, images, target_sizes, cache_implementation="static", disable_compile=True
+                    ),
+                )
         if "eos" not in args.skip:
             # Random weights never choose EOS: a model that stops after each image's objects writes
             # 5 * max(objects in the batch) + 1 tokens, since the batch runs until its last image ends.
             counts = [round(COCO_MEAN_OBJECTS)]
             if batch_size > 1:
                 counts = coco_like_object_counts(batch_size, generator, eos.config.max_instances)
-            bench.measure("inference", "Pix2Seq EOS mode, COCO-like counts, static loop", batch_size,
-                          pix2seq_inference(eos, processor, images, target_sizes, max_new_tokens=5 * max(counts) + 1, **fast),
-                          warmup=2, max_objects_in_batch=max(counts), mean_objects=sum(counts) / len(counts))
+            bench.measure(
+                "inference",
+                "Pix2Seq EOS mode, COCO-like counts, static loop",
+                batch_size,
+                pix2seq_inference(eos, processor, images, target_sizes, max_new_tokens=5 * max(counts) + 1, **fast),
+                warmup=2,
+                max_objects_in_batch=max(counts),
+                mean_objects=sum(counts) / len(counts),
+            )
         if "detr" not in args.skip:
-            bench.measure("inference", "HF DETR-R50 (processor + forward + post-process)", batch_size,
-                          detr_inference(detr, detr_processor, images, target_sizes), warmup=3)
+            bench.measure(
+                "inference",
+                "HF DETR-R50 (processor + forward + post-process)",
+                batch_size,
+                detr_inference(detr, detr_processor, images, target_sizes),
+                warmup=3,
+            )
 
     if "train" not in args.skip:
         batch_size = config["train_batch_size"]
@@ -265,24 +341,45 @@ def main():
         trainee = trainee.to(device).train().to(memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(trainee.parameters(), lr=1e-4, fused=device.type == "cuda")
         batch = pix2seq_training_batch(trainee, batch_size, config["image_size"], device, generator)
-        bench.measure("training", f"Pix2Seq train step ({steps} steps timed as one)", batch_size,
-                      training_steps(trainee, optimizer, batch, dtype, steps), runs=1, images=batch_size * steps)
+        bench.measure(
+            "training",
+            f"Pix2Seq train step ({steps} steps timed as one)",
+            batch_size,
+            training_steps(trainee, optimizer, batch, dtype, steps),
+            runs=1,
+            images=batch_size * steps,
+        )
         del trainee, optimizer
         detr_trainee = DetrForObjectDetection(detr_config).to(device).train().to(memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(detr_trainee.parameters(), lr=1e-4, fused=device.type == "cuda")
         batch = detr_training_batch(batch_size, config["image_size"], device, generator)
-        bench.measure("training", f"HF DETR-R50 train step ({steps} steps timed as one)", batch_size,
-                      training_steps(detr_trainee, optimizer, batch, dtype, steps), runs=1, images=batch_size * steps)
+        bench.measure(
+            "training",
+            f"HF DETR-R50 train step ({steps} steps timed as one)",
+            batch_size,
+            training_steps(detr_trainee, optimizer, batch, dtype, steps),
+            runs=1,
+            images=batch_size * steps,
+        )
 
     # Last: the slowest, and only a reference.
     if "stock" not in args.skip:
         batch_size = config["generate_batch_size"]
         images = list(all_images[:batch_size])
-        bench.measure("inference", "stock GenerationMixin.generate, dynamic cache", batch_size,
-                      stock_generate(fixed, processor, images), runs=1)
-        bench.measure("inference", "stock GenerationMixin.generate, static cache + auto-compile", batch_size,
-                      stock_generate(fixed, processor, images, cache_implementation="static", compile_config=compile_config),
-                      runs=1)
+        bench.measure(
+            "inference",
+            "stock GenerationMixin.generate, dynamic cache",
+            batch_size,
+            stock_generate(fixed, processor, images),
+            runs=1,
+        )
+        bench.measure(
+            "inference",
+            "stock GenerationMixin.generate, static cache + auto-compile",
+            batch_size,
+            stock_generate(fixed, processor, images, cache_implementation="static", compile_config=compile_config),
+            runs=1,
+        )
 
     if device.type == "cuda":
         bench.results["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30

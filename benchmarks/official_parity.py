@@ -23,10 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from convert_pix2seq_tf_checkpoint import convert  # noqa: E402
-from image_processing_pix2seq import Pix2SeqImageProcessor  # noqa: E402
 from test_convert_parity import FIXTURES, official_model, reference  # noqa: E402
 from testing_utils import TF_FIXTURES_DIR  # noqa: E402
+
+from convert_pix2seq_tf_checkpoint import convert  # noqa: E402
+from image_processing_pix2seq import Pix2SeqImageProcessor  # noqa: E402
 from tf_checkpoint_reader import TFCheckpointReader  # noqa: E402
 
 

@@ -36,8 +36,20 @@ Example:
     1.0
 """
 
-STAT_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",
-              "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large")
+STAT_NAMES = (
+    "map",
+    "map_50",
+    "map_75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar_1",
+    "mar_10",
+    "mar_100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
+)
 
 
 def coco_ground_truth(references):
@@ -45,12 +57,26 @@ def coco_ground_truth(references):
     images, annotations, categories = [], [], set()
     for reference in references:
         images.append({"id": int(reference["image_id"])})
-        for box, label, crowd, area in zip(reference["boxes"], reference["labels"], reference["iscrowd"], reference["area"]):
-            annotations.append({"id": len(annotations) + 1, "image_id": int(reference["image_id"]), "bbox": list(map(float, box)),
-                                "category_id": int(label), "iscrowd": int(crowd), "area": float(area)})
+        for box, label, crowd, area in zip(
+            reference["boxes"], reference["labels"], reference["iscrowd"], reference["area"]
+        ):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": int(reference["image_id"]),
+                    "bbox": list(map(float, box)),
+                    "category_id": int(label),
+                    "iscrowd": int(crowd),
+                    "area": float(area),
+                }
+            )
             categories.add(int(label))
     coco = COCO()
-    coco.dataset = {"images": images, "annotations": annotations, "categories": [{"id": c} for c in sorted(categories)]}
+    coco.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": c} for c in sorted(categories)],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
@@ -67,13 +93,19 @@ def coco_metrics(predictions, references, class_metrics=False):
             raise ValueError(f"Each image must appear once in the {name}; repeated image_id values found.")
     ground_truth = coco_ground_truth(references)
     results = [
-        {"image_id": int(p["image_id"]), "bbox": list(map(float, box)), "score": float(score), "category_id": int(label)}
-        for p in predictions for box, score, label in zip(p["boxes"], p["scores"], p["labels"])
+        {
+            "image_id": int(p["image_id"]),
+            "bbox": list(map(float, box)),
+            "score": float(score),
+            "category_id": int(label),
+        }
+        for p in predictions
+        for box, score, label in zip(p["boxes"], p["scores"], p["labels"])
     ]
     if not results or not ground_truth.dataset["annotations"]:
         # pycocotools cannot load an empty result list; nothing detected is AP 0 (and no ground truth is -1).
         empty = 0.0 if ground_truth.dataset["annotations"] else -1.0
-        metrics = {name: empty for name in STAT_NAMES}
+        metrics = dict.fromkeys(STAT_NAMES, empty)
         if class_metrics:
             metrics["map_per_class"] = {category["id"]: empty for category in ground_truth.dataset["categories"]}
         return metrics
@@ -104,15 +136,23 @@ class CocoMap(evaluate.Metric):
             description=_DESCRIPTION,
             citation="Lin et al., Microsoft COCO: Common Objects in Context, ECCV 2014.",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({
-                "predictions": {"image_id": datasets.Value("int64"), "boxes": boxes,
-                                "scores": datasets.Sequence(datasets.Value("float64")),
-                                "labels": datasets.Sequence(datasets.Value("int64"))},
-                "references": {"image_id": datasets.Value("int64"), "boxes": boxes,
-                               "labels": datasets.Sequence(datasets.Value("int64")),
-                               "iscrowd": datasets.Sequence(datasets.Value("int64")),
-                               "area": datasets.Sequence(datasets.Value("float64"))},
-            }),
+            features=datasets.Features(
+                {
+                    "predictions": {
+                        "image_id": datasets.Value("int64"),
+                        "boxes": boxes,
+                        "scores": datasets.Sequence(datasets.Value("float64")),
+                        "labels": datasets.Sequence(datasets.Value("int64")),
+                    },
+                    "references": {
+                        "image_id": datasets.Value("int64"),
+                        "boxes": boxes,
+                        "labels": datasets.Sequence(datasets.Value("int64")),
+                        "iscrowd": datasets.Sequence(datasets.Value("int64")),
+                        "area": datasets.Sequence(datasets.Value("float64")),
+                    },
+                }
+            ),
         )
 
     def _compute(self, predictions, references, class_metrics=False):

@@ -11,15 +11,25 @@ COCO_MAP_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 def references():
     return [
-        {"image_id": 1, "boxes": [[10, 10, 40, 30], [60, 50, 20, 20]], "labels": [1, 3], "iscrowd": [0, 0], "area": [1200.0, 400.0]},
+        {
+            "image_id": 1,
+            "boxes": [[10, 10, 40, 30], [60, 50, 20, 20]],
+            "labels": [1, 3],
+            "iscrowd": [0, 0],
+            "area": [1200.0, 400.0],
+        },
         {"image_id": 2, "boxes": [[0, 0, 100, 80]], "labels": [2], "iscrowd": [0], "area": [8000.0]},
     ]
 
 
 def predictions_from(refs, shift=0.0):
     return [
-        {"image_id": r["image_id"], "boxes": [[x + shift, y + shift, w, h] for x, y, w, h in r["boxes"]],
-         "scores": [0.9] * len(r["boxes"]), "labels": r["labels"]}
+        {
+            "image_id": r["image_id"],
+            "boxes": [[x + shift, y + shift, w, h] for x, y, w, h in r["boxes"]],
+            "scores": [0.9] * len(r["boxes"]),
+            "labels": r["labels"],
+        }
         for r in refs
     ]
 
@@ -47,8 +57,13 @@ def test_wrong_class_is_a_miss():
 
 def test_detection_on_crowd_region_is_not_a_false_positive():
     refs = references()
-    refs[1] = {"image_id": 2, "boxes": [[0, 0, 100, 80], [200, 200, 50, 50]], "labels": [2, 2], "iscrowd": [0, 1],
-               "area": [8000.0, 2500.0]}
+    refs[1] = {
+        "image_id": 2,
+        "boxes": [[0, 0, 100, 80], [200, 200, 50, 50]],
+        "labels": [2, 2],
+        "iscrowd": [0, 1],
+        "area": [8000.0, 2500.0],
+    }
     predictions = predictions_from(references())
     predictions[1]["boxes"].append([200, 200, 50, 50])
     predictions[1]["scores"].append(0.95)

@@ -9,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from testing_utils import TF_FIXTURES_DIR, require_shared
 
 
@@ -28,8 +27,14 @@ def converted_folder(request, tmp_path_factory):
     checkpoint_dir = require_shared(TF_FIXTURES_DIR / variant)
     output_dir = tmp_path_factory.mktemp(f"converted-{variant}")
     result = subprocess.run(
-        [sys.executable, "convert_pix2seq_tf_checkpoint.py", "--checkpoint_dir", str(checkpoint_dir),
-         "--output_dir", str(output_dir)],
+        [
+            sys.executable,
+            "convert_pix2seq_tf_checkpoint.py",
+            "--checkpoint_dir",
+            str(checkpoint_dir),
+            "--output_dir",
+            str(output_dir),
+        ],
         cwd=REPOSITORY,
         env=offline_env(output_dir),
         capture_output=True,
@@ -43,9 +48,17 @@ def converted_folder(request, tmp_path_factory):
 def test_converted_folder_is_complete(converted_folder):
     _, folder = converted_folder
     files = {path.name for path in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "preprocessor_config.json", "README.md",
-            "configuration_pix2seq.py", "modeling_pix2seq.py", "tokenization_pix2seq.py",
-            "image_processing_pix2seq.py"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "preprocessor_config.json",
+        "README.md",
+        "configuration_pix2seq.py",
+        "modeling_pix2seq.py",
+        "tokenization_pix2seq.py",
+        "image_processing_pix2seq.py",
+    } <= files
     assert "tf_checkpoint_reader.py" not in files
     config = json.loads((folder / "config.json").read_text())
     assert config["id2label"]["1"] == "person" and config["id2label"]["90"] == "toothbrush"

@@ -6,9 +6,9 @@ import re
 
 import pytest
 import torch
+from testing_utils import SHARED_DIR, TF_FIXTURES_DIR, require_shared
 from transformers import initialization as init
 
-from testing_utils import SHARED_DIR, TF_FIXTURES_DIR, require_shared
 from convert_pix2seq_tf_checkpoint import (
     COCO_CATEGORY_NAMES,
     CheckpointMappingError,
@@ -30,28 +30,66 @@ from tf_checkpoint_reader import TFCheckpointReader
 FULL_SIZE = {
     "resnet": (
         "ResNet-50",
-        {"resnet_variant": "standard", "resnet_depth": 50, "resnet_width_multiplier": 1, "num_encoder_layers": 6,
-         "dim_att": 256, "num_heads": 8, "dim_mlp": 1024, "num_decoder_layers": 6, "dim_att_dec": 256,
-         "num_heads_dec": 8, "dim_mlp_dec": 1024},
+        {
+            "resnet_variant": "standard",
+            "resnet_depth": 50,
+            "resnet_width_multiplier": 1,
+            "num_encoder_layers": 6,
+            "dim_att": 256,
+            "num_heads": 8,
+            "dim_mlp": 1024,
+            "num_decoder_layers": 6,
+            "dim_att_dec": 256,
+            "num_heads_dec": 8,
+            "dim_mlp_dec": 1024,
+        },
         36.6,
     ),
     "resnet-c": (
         "ResNet-50-C4",
-        {"resnet_variant": "c4", "resnet_depth": 50, "resnet_width_multiplier": 1, "num_encoder_layers": 12,
-         "dim_att": 512, "num_heads": 16, "dim_mlp": 2048, "num_decoder_layers": 8, "dim_att_dec": 512,
-         "num_heads_dec": 16, "dim_mlp_dec": 2048},
+        {
+            "resnet_variant": "c4",
+            "resnet_depth": 50,
+            "resnet_width_multiplier": 1,
+            "num_encoder_layers": 12,
+            "dim_att": 512,
+            "num_heads": 16,
+            "dim_mlp": 2048,
+            "num_decoder_layers": 8,
+            "dim_att_dec": 512,
+            "num_heads_dec": 16,
+            "dim_mlp_dec": 2048,
+        },
         84.7,
     ),
     "vit-b": (
         "ViT-B",
-        {"resnet_variant": "c1", "num_encoder_layers": 12, "dim_att": 768, "num_heads": 12, "dim_mlp": 3072,
-         "num_decoder_layers": 6, "dim_att_dec": 512, "num_heads_dec": 16, "dim_mlp_dec": 2048},
+        {
+            "resnet_variant": "c1",
+            "num_encoder_layers": 12,
+            "dim_att": 768,
+            "num_heads": 12,
+            "dim_mlp": 3072,
+            "num_decoder_layers": 6,
+            "dim_att_dec": 512,
+            "num_heads_dec": 16,
+            "dim_mlp_dec": 2048,
+        },
         115.2,
     ),
     "vit-l": (
         "ViT-L",
-        {"resnet_variant": "c1", "num_encoder_layers": 24, "dim_att": 1024, "num_heads": 16, "dim_mlp": 4096,
-         "num_decoder_layers": 8, "dim_att_dec": 512, "num_heads_dec": 16, "dim_mlp_dec": 2048},
+        {
+            "resnet_variant": "c1",
+            "num_encoder_layers": 24,
+            "dim_att": 1024,
+            "num_heads": 16,
+            "dim_mlp": 4096,
+            "num_decoder_layers": 8,
+            "dim_att_dec": 512,
+            "num_heads_dec": 16,
+            "dim_mlp_dec": 2048,
+        },
         341.2,
     ),
 }
@@ -64,9 +102,7 @@ def fixture_official_config(variant="vit"):
 def full_size_official_config(family, image_size=640):
     """A fixture's official run config with the architecture of a released family at full size."""
     official = fixture_official_config()
-    official["model"] = {
-        key: value for key, value in official["model"].items() if not key.startswith("resnet_")
-    }
+    official["model"] = {key: value for key, value in official["model"].items() if not key.startswith("resnet_")}
     official["model"].update(
         FULL_SIZE[family][1], image_size=[image_size, image_size], max_seq_len=512, vocab_size=3000
     )

@@ -5,15 +5,21 @@ import json
 
 import pytest
 import torch
+from testing_utils import tiny_config
 from timm.layers.pool2d_same import MaxPool2dSame
 
-from testing_utils import tiny_config
 from configuration_pix2seq import Pix2SeqConfig
 from modeling_pix2seq import Pix2SeqForObjectDetection
 
 
 def vit_config(**overrides):
-    settings = dict(backbone=None, patch_size=16, encoder_hidden_size=48, encoder_ffn_dim=192, image_size=64)
+    settings = {
+        "backbone": None,
+        "patch_size": 16,
+        "encoder_hidden_size": 48,
+        "encoder_ffn_dim": 192,
+        "image_size": 64,
+    }
     settings.update(overrides)
     return tiny_config(**settings)
 

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from testing_utils import TF_FIXTURES_DIR, require_shared
 from torch import nn
 
-from testing_utils import TF_FIXTURES_DIR, require_shared
 from convert_pix2seq_tf_checkpoint import COCO_CATEGORY_NAMES, config_from_official, load_checkpoint_into
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection, Pix2SeqTopPLogitsWarper

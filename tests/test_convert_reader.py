@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
 from testing_utils import TF_FIXTURES_DIR, require_shared
+
 from tf_checkpoint_reader import CheckpointFormatError, TFCheckpointReader
 
 

@@ -105,7 +105,7 @@ def test_training_drops_images_without_objects_and_evaluation_keeps_original_ann
 
 
 def test_stream_shards_cover_every_image_once_for_every_rank_and_worker(tmp_path):
-    images = {i: (16, 16) for i in range(1, 41)}
+    images = dict.fromkeys(range(1, 41), (16, 16))
     annotations = [{"image_id": i, "category_id": 1, "bbox": [1, 1, 4, 4]} for i in images]
     folder, path = write_coco(tmp_path, images, annotations)
     split = coco_split(folder, path, train=True, world_size=2, num_workers=2)
@@ -140,7 +140,7 @@ def tokenizer(max_instances=6):
 
 
 def test_stream_skips_a_bad_record_and_continues(tmp_path):
-    images = {i: (32, 32) for i in range(1, 5)}
+    images = dict.fromkeys(range(1, 5), (32, 32))
     annotations = [{"image_id": i, "category_id": 1, "bbox": [2, 2, 10, 10]} for i in images]
     folder, path = write_coco(tmp_path, images, annotations)
     # A header that reads (the split keeps the image) and pixel data that does not (decoding skips it).
@@ -185,7 +185,9 @@ def test_more_objects_than_max_instances_keeps_a_random_subset():
     boxes = torch.tensor([[i / 10, 0.1, i / 10 + 0.05, 0.2] for i in range(8)])
     kept = set()
     for seed in range(10):
-        sequence = tokenizer(max_instances=3).build_training_sequence(boxes, torch.zeros(8), torch.Generator().manual_seed(seed))
+        sequence = tokenizer(max_instances=3).build_training_sequence(
+            boxes, torch.zeros(8), torch.Generator().manual_seed(seed)
+        )
         x_min_tokens = sequence["labels"][1:15:5]
         kept |= set(x_min_tokens.tolist())
     assert len(kept) > 3
@@ -198,23 +200,38 @@ def test_synthetic_images_are_deterministic_and_held_out_ones_never_trained_on()
     assert all(0 <= x and 0 <= y and x + w <= 96 and y + h <= 96 for x, y, w, h in boxes)
     evaluation = synthetic_split(False, 5)
     assert min(evaluation.dataset["image_id"]) >= EVAL_INDEX_OFFSET
-    assert len(evaluation.references) == 5 and evaluation.references[0]["labels"] == evaluation.dataset[0]["objects"]["category"]
+    assert (
+        len(evaluation.references) == 5
+        and evaluation.references[0]["labels"] == evaluation.dataset[0]["objects"]["category"]
+    )
     train = synthetic_split(True, 12, world_size=2)
     assert sorted(row["image_id"] for row in train.dataset) == list(range(12))
 
 
 def hub_stand_in(tmp_path, boxes, fmt_name="cppe"):
     """A local parquet data set with the `cppe-5` schema (what `--dataset_name` reads from the Hub)."""
-    features = datasets.Features({
-        "image_id": datasets.Value("int64"),
-        "image": datasets.Image(),
-        "width": datasets.Value("int32"),
-        "height": datasets.Value("int32"),
-        "objects": {"bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
-                    "category": datasets.List(datasets.ClassLabel(names=["Coverall", "Mask"]))},
-    })
-    rows = [{"image_id": i, "image": PIL.Image.new("RGB", (40, 30)), "width": 40, "height": 30,
-             "objects": {"bbox": b, "category": [i % 2] * len(b)}} for i, b in enumerate(boxes)]
+    features = datasets.Features(
+        {
+            "image_id": datasets.Value("int64"),
+            "image": datasets.Image(),
+            "width": datasets.Value("int32"),
+            "height": datasets.Value("int32"),
+            "objects": {
+                "bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
+                "category": datasets.List(datasets.ClassLabel(names=["Coverall", "Mask"])),
+            },
+        }
+    )
+    rows = [
+        {
+            "image_id": i,
+            "image": PIL.Image.new("RGB", (40, 30)),
+            "width": 40,
+            "height": 30,
+            "objects": {"bbox": b, "category": [i % 2] * len(b)},
+        }
+        for i, b in enumerate(boxes)
+    ]
     folder = tmp_path / fmt_name
     (folder / "data").mkdir(parents=True)
     for split in ("train", "validation"):
@@ -249,8 +266,10 @@ def test_bbox_format_that_fits_both_readings_defaults_to_coco_xywh():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c: c["images"].append({**c["images"][0], "file_name": "other.png"}),
-         r"images\[1\] field 'id': 1 repeats the id of images\[0\]"),
+        (
+            lambda c: c["images"].append({**c["images"][0], "file_name": "other.png"}),
+            r"images\[1\] field 'id': 1 repeats the id of images\[0\]",
+        ),
         (lambda c: c["annotations"][0].update(bbox=[float("nan"), 5, 3, 10]), r"annotations\[0\] field 'bbox'.*nan"),
         (lambda c: c["annotations"][0].update(bbox=[1, 1, float("inf"), 10]), r"annotations\[0\] field 'bbox'.*inf"),
         (lambda c: c["annotations"][0].update(bbox=[True, 5, 3, 10]), r"annotations\[0\] field 'bbox'.*True"),
@@ -282,7 +301,7 @@ def test_json_size_that_disagrees_with_the_file_warns_and_the_real_size_is_used(
 
 
 def test_train_val_split_holds_out_disjoint_images(tmp_path):
-    images = {i: (16, 16) for i in range(1, 21)}
+    images = dict.fromkeys(range(1, 21), (16, 16))
     annotations = [{"image_id": i, "category_id": 1, "bbox": [1, 1, 4, 4]} for i in images]
     folder, path = write_coco(tmp_path, images, annotations)
     train = coco_split(folder, path, train=True, streaming=False, hold_out_fraction=0.15)
@@ -298,8 +317,9 @@ def test_scale_jitter_takes_images_with_a_one_pixel_side(shape):
     processor = Pix2SeqImageProcessor(size={"longest_edge": 64})
     height, width = shape
     for _ in range(10):
-        crop, boxes, labels = augmentation(torch.rand(3, height, width), torch.tensor([[0.0, 0.0, width, height]]),
-                                           torch.tensor([1]))
+        crop, boxes, labels = augmentation(
+            torch.rand(3, height, width), torch.tensor([[0.0, 0.0, width, height]]), torch.tensor([1])
+        )
         assert min(crop.shape[-2:]) >= 1 and max(crop.shape[-2:]) <= 64 and len(boxes) == len(labels)
         canvas = processor(crop, do_resize=False, do_rescale=False, return_tensors="pt")["pixel_values"]
         assert canvas.shape == (1, 3, 64, 64)
@@ -337,10 +357,19 @@ def test_training_boxes_follow_an_image_decoded_at_reduced_size(tmp_path):
     path.write_bytes(jpeg_bytes(4000, 3000))  # white block: x 2000-4000, y 750-1500
     augmentation = TrainAugmentation(64, min_scale=1.0, max_scale=1.0, flip_probability=0.0)
     targets = []
-    transform = TrainTransform(Pix2SeqImageProcessor(size={"longest_edge": 64}),
-                               lambda label: targets.append(label["boxes"]) or {}, augmentation, ImageReader())
-    outputs = transform({"image_id": [1], "image": [{"path": str(path), "bytes": None}],
-                         "objects": [{"bbox": [[2000, 750, 2000, 750]], "category": [0]}]})
+    transform = TrainTransform(
+        Pix2SeqImageProcessor(size={"longest_edge": 64}),
+        lambda label: targets.append(label["boxes"]) or {},
+        augmentation,
+        ImageReader(),
+    )
+    outputs = transform(
+        {
+            "image_id": [1],
+            "image": [{"path": str(path), "bytes": None}],
+            "objects": [{"bbox": [[2000, 750, 2000, 750]], "category": [0]}],
+        }
+    )
     # The processor's targets are cxcywh on the canvas: x 32-64, y 12-24 of 64 pixels.
     assert (targets[0] * 64)[0].tolist() == pytest.approx([48.0, 18.0, 32.0, 12.0])
     assert outputs["pixel_values"][0][:, 13:23, 33:63].min() > 0.9

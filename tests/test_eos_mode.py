@@ -3,12 +3,12 @@ import math
 
 import pytest
 import torch
+from test_generation import cpu_compile_config
+from testing_utils import tiny_config
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as transformers_logging
 
-from testing_utils import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection
-from test_generation import cpu_compile_config
 
 
 PATHS = [{}, {"cache_implementation": "static"}]
@@ -57,7 +57,7 @@ def test_eos_mode_batch_runs_until_its_last_sequence_ends_and_pads_the_ended_one
     pad = model.config.pad_token_id
     tokens = model.generate(torch.rand(8, 3, 64, 64), do_sample=True, top_p=1.0, **path)[:, 1:]
     ends = [(row == pad).nonzero()[0].item() if (row == pad).any() else None for row in tokens]
-    assert len({end for end in ends}) > 1
+    assert len(set(ends)) > 1
     for row, end in zip(tokens, ends):
         if end is not None:
             assert end % 5 == 0, "EOS may only start an object"
@@ -95,7 +95,10 @@ def test_compiled_static_sampling_in_eos_mode_ends_like_eager_sampling_with_the_
     eager = model.generate(pixel_values, do_sample=True, top_p=1.0, cache_implementation="static")
     torch.manual_seed(1)
     compiled = model.generate(
-        pixel_values, do_sample=True, top_p=1.0, cache_implementation="static",
+        pixel_values,
+        do_sample=True,
+        top_p=1.0,
+        cache_implementation="static",
         compile_config=cpu_compile_config("aot_eager"),
     )
     assert (eager[:, 6:] == model.config.pad_token_id).any(), "some sequence must end inside a compiled step"

@@ -2,7 +2,6 @@ import pytest
 import torch
 from transformers import CompileConfig, LogitsProcessor
 
-from testing_utils import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection, Pix2SeqGrammarLogitsProcessor
 
 

@@ -132,7 +132,9 @@ def test_post_processing_returns_known_boxes_in_original_pixels_of_a_non_square_
 def test_post_processing_thresholds_sorts_and_drops_empty_slots():
     processor = Pix2SeqImageProcessor(size={"longest_edge": 64})
     outputs = detections(
-        [[0.1, 0.1, 0.2, 0.2], [0.3, 0.3, 0.4, 0.4], [0.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.6, 0.6]], [0.4, 0.9, 0.0, 0.7], [0, 1, -1, 2]
+        [[0.1, 0.1, 0.2, 0.2], [0.3, 0.3, 0.4, 0.4], [0.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.6, 0.6]],
+        [0.4, 0.9, 0.0, 0.7],
+        [0, 1, -1, 2],
     )
     result = processor.post_process_object_detection(outputs, threshold=0.5)[0]
     assert result["scores"].tolist() == pytest.approx([0.9, 0.7])
@@ -167,7 +169,11 @@ def test_processor_saves_and_loads_its_settings(tmp_path):
 def test_from_pretrained_size_as_the_transformers_example_passes_it_takes_effect(tmp_path):
     Pix2SeqImageProcessor(size={"longest_edge": 96}).save_pretrained(tmp_path)
     loaded = Pix2SeqImageProcessor.from_pretrained(
-        tmp_path, do_resize=True, size={"max_height": 48, "max_width": 48}, do_pad=True, pad_size={"height": 48, "width": 48}
+        tmp_path,
+        do_resize=True,
+        size={"max_height": 48, "max_width": 48},
+        do_pad=True,
+        pad_size={"height": 48, "width": 48},
     )
     assert loaded(PIL.Image.new("RGB", (50, 30)))["pixel_values"].shape == (1, 3, 48, 48)
     with pytest.raises(ValueError, match="square canvas"):

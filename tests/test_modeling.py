@@ -5,8 +5,8 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-
 from testing_utils import Pix2SeqModelTester, tiny_config
+
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqConfig, Pix2SeqForObjectDetection, Pix2SeqModel, Pix2SeqObjectDetectionOutput
 
@@ -22,7 +22,9 @@ def test_loss_is_the_token_weighted_mean_cross_entropy(tester):
     batch = tester.prepare_token_inputs(model)
     outputs = model(**batch)
     assert outputs.logits.shape == (2, config.sequence_length, config.vocab_size)
-    cross_entropy = torch.nn.functional.cross_entropy(outputs.logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+    cross_entropy = torch.nn.functional.cross_entropy(
+        outputs.logits.flatten(0, 1), batch["labels"].flatten(), reduction="none"
+    )
     weights = batch["token_weights"].flatten()
     torch.testing.assert_close(outputs.loss, (cross_entropy * weights).sum() / weights.sum())
     # Noise coordinates weigh 0: changing their targets leaves the loss unchanged.
@@ -216,7 +218,9 @@ def test_pretrained_backbone_weights_survive_post_init(tmp_path):
         torch.nn.init.normal_(parameter, mean=0.5)
     weights_file = tmp_path / "resnet18.safetensors"
     safetensors.torch.save_file(reference.state_dict(), weights_file)
-    config = tiny_config(use_pretrained_backbone=True, backbone_kwargs={"pretrained_cfg_overlay": {"file": str(weights_file)}})
+    config = tiny_config(
+        use_pretrained_backbone=True, backbone_kwargs={"pretrained_cfg_overlay": {"file": str(weights_file)}}
+    )
     model = Pix2SeqForObjectDetection(config)
     loaded = model.model.encoder.backbone.timm_model.state_dict()
     for name, value in reference.state_dict().items():

@@ -3,12 +3,13 @@
 import numpy as np
 import PIL.Image
 import torch
+from testing_utils import tiny_config
 from torchvision.ops import box_iou
 from transformers import pipeline
 
-from testing_utils import tiny_config
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection
+
 
 OBJECTS = [
     # (height, width), [(x_min, y_min, x_max, y_max, class), ...] in pixels
@@ -27,12 +28,17 @@ def draw(size, objects):
 
 def test_tiny_model_overfits_two_images_and_the_pipeline_finds_their_boxes(tmp_path):
     torch.manual_seed(0)
-    config = tiny_config(d_model=64, decoder_ffn_dim=128, encoder_ffn_dim=128, max_instances=3, dropout=0.0, drop_path_rate=0.0)
+    config = tiny_config(
+        d_model=64, decoder_ffn_dim=128, encoder_ffn_dim=128, max_instances=3, dropout=0.0, drop_path_rate=0.0
+    )
     model = Pix2SeqForObjectDetection(config)
     processor = Pix2SeqImageProcessor(size={"longest_edge": config.image_size})
     images = [draw(size, objects) for size, objects in OBJECTS]
     annotations = [
-        {"image_id": i, "annotations": [{"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": c} for x0, y0, x1, y1, c in objects]}
+        {
+            "image_id": i,
+            "annotations": [{"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": c} for x0, y0, x1, y1, c in objects],
+        }
         for i, (_, objects) in enumerate(OBJECTS)
     ]
     # The DETR way: the processor's labels are what the model trains on (fresh augmented sequences every step).

@@ -9,8 +9,8 @@ import sys
 import textwrap
 
 import pytest
-
 from testing_utils import tiny_config
+
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection
 
@@ -51,7 +51,12 @@ def run_isolated(script, folder, tmp_path):
 
 def test_saved_folder_holds_code_auto_map_and_no_tokenizer(model_folder):
     files = {path.name for path in model_folder.iterdir()}
-    assert {"configuration_pix2seq.py", "modeling_pix2seq.py", "tokenization_pix2seq.py", "image_processing_pix2seq.py"} <= files
+    assert {
+        "configuration_pix2seq.py",
+        "modeling_pix2seq.py",
+        "tokenization_pix2seq.py",
+        "image_processing_pix2seq.py",
+    } <= files
     assert {"model.safetensors", "generation_config.json", "preprocessor_config.json"} <= files
     # A tokenizer that AutoTokenizer can load would send the object-detection pipeline down its LayoutLM branch.
     assert not any(name.startswith("tokenizer") for name in files)
@@ -117,7 +122,9 @@ def test_pipeline_accepts_a_model_object_and_an_image_processor(model_folder):
     from transformers import pipeline
 
     model = Pix2SeqForObjectDetection.from_pretrained(model_folder).eval()
-    detector = pipeline("object-detection", model=model, image_processor=Pix2SeqImageProcessor.from_pretrained(model_folder))
+    detector = pipeline(
+        "object-detection", model=model, image_processor=Pix2SeqImageProcessor.from_pretrained(model_folder)
+    )
     detections = detector(PIL.Image.fromarray(np.zeros((20, 60, 3), dtype=np.uint8)), threshold=0.0)
     assert len(detections) > 0
     assert all(0 <= d["box"]["xmax"] <= 60 and 0 <= d["box"]["ymax"] <= 20 for d in detections)

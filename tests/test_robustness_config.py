@@ -1,8 +1,8 @@
 """Inconsistent settings fail when the config is built, with a message that says what to change."""
 
 import pytest
-
 from testing_utils import tiny_config
+
 from configuration_pix2seq import backbone_stride
 from modeling_pix2seq import Pix2SeqForObjectDetection
 

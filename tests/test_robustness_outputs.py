@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from testing_utils import tiny_config
+
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from tokenization_pix2seq import Pix2SeqTokenizer
 
@@ -26,11 +26,15 @@ def generations(draw):
     """A batch of token ids (valid coordinates, classes and garbage mixed) and logits with NaN/inf poked in."""
     batch_size = draw(st.integers(0, 3))
     length = draw(st.integers(0, 23))
-    token_ids = st.one_of(coordinate_tokens, coordinate_tokens, st.sampled_from(TOKENIZER.class_token_ids.tolist()), any_tokens)
+    token_ids = st.one_of(
+        coordinate_tokens, coordinate_tokens, st.sampled_from(TOKENIZER.class_token_ids.tolist()), any_tokens
+    )
     tokens = torch.tensor(draw(st.lists(token_ids, min_size=batch_size * length, max_size=batch_size * length)))
     logits_length = draw(st.sampled_from([length, max(length - 3, 0), length + 2]))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
-    logits = torch.randn(batch_size, logits_length, CONFIG.vocab_size, generator=generator) * draw(st.sampled_from([1.0, 50.0]))
+    logits = torch.randn(batch_size, logits_length, CONFIG.vocab_size, generator=generator) * draw(
+        st.sampled_from([1.0, 50.0])
+    )
     if batch_size and logits_length:
         for _ in range(draw(st.integers(0, 8))):
             b, t = draw(st.integers(0, batch_size - 1)), draw(st.integers(0, logits_length - 1))
@@ -51,7 +55,10 @@ def assert_valid_detections(result, height, width):
 
 
 @settings(max_examples=150, deadline=None)
-@given(generation=generations(), sizes=st.lists(st.tuples(st.integers(1, 5000), st.integers(1, 5000)), min_size=3, max_size=3))
+@given(
+    generation=generations(),
+    sizes=st.lists(st.tuples(st.integers(1, 5000), st.integers(1, 5000)), min_size=3, max_size=3),
+)
 def test_any_generation_decodes_and_post_processes_to_valid_detections(generation, sizes):
     tokens, logits = generation
     detections = TOKENIZER.decode(tokens, logits)
@@ -59,9 +66,7 @@ def test_any_generation_decodes_and_post_processes_to_valid_detections(generatio
     assert detections["boxes"].shape == (tokens.shape[0], num_objects, 4)
     empty = detections["labels"] == -1
     assert (detections["scores"][empty] == 0).all()
-    assert_valid_detections(
-        {key: value[~empty] for key, value in detections.items()}, height=1.0, width=1.0
-    )
+    assert_valid_detections({key: value[~empty] for key, value in detections.items()}, height=1.0, width=1.0)
 
     outputs = SimpleNamespace(
         pred_canvas_boxes=detections["boxes"], pred_scores=detections["scores"], pred_labels=detections["labels"]

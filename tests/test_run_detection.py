@@ -21,10 +21,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_run_args(output_dir, *extra):
     return [
-        "--output_dir", str(output_dir), "--config_overrides", TINY_MODEL, "--per_device_train_batch_size", "4",
-        "--per_device_eval_batch_size", "3", "--synthetic_eval_images", "5", "--logging_steps", "1",
-        "--dataloader_num_workers", "0", "--num_prediction_images", "2", "--disable_tqdm", "true",
-        "--shuffle_buffer_size", "8", *extra,
+        "--output_dir",
+        str(output_dir),
+        "--config_overrides",
+        TINY_MODEL,
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "3",
+        "--synthetic_eval_images",
+        "5",
+        "--logging_steps",
+        "1",
+        "--dataloader_num_workers",
+        "0",
+        "--num_prediction_images",
+        "2",
+        "--disable_tqdm",
+        "true",
+        "--shuffle_buffer_size",
+        "8",
+        *extra,
     ]
 
 
@@ -33,16 +50,27 @@ def test_streamed_trainer_run_saves_a_servable_model_and_reports_coco_map(tmp_pa
     assert trainer.state.global_step == 3
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry)
     results = json.loads((tmp_path / "eval_results.json").read_text())
-    assert {"eval_map", "eval_map_50", "eval_map_75", "eval_map_small", "eval_map_medium", "eval_map_large",
-            "eval_mar_100"} <= set(results)
-    assert sorted(p["image_id"] for p in trainer.last_predictions) == sorted(synthetic_split(False, 5).dataset["image_id"])
+    assert {
+        "eval_map",
+        "eval_map_50",
+        "eval_map_75",
+        "eval_map_small",
+        "eval_map_medium",
+        "eval_map_large",
+        "eval_mar_100",
+    } <= set(results)
+    assert sorted(p["image_id"] for p in trainer.last_predictions) == sorted(
+        synthetic_split(False, 5).dataset["image_id"]
+    )
     assert len(os.listdir(tmp_path / "predictions")) <= 2
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_pix2seq.py"):
         assert (tmp_path / name).exists() and (tmp_path / "checkpoint-3" / name).exists()
 
     from transformers import pipeline
+
     detector = pipeline("object-detection", model=str(tmp_path), trust_remote_code=True)
     from synthetic_shapes import draw_example
+
     detections = detector(draw_example(0)[0], threshold=0.0)
     assert all(d["label"] in {"circle", "rectangle", "triangle", "ring"} for d in detections)
 
@@ -55,7 +83,9 @@ def test_recipe_defaults_follow_the_official_fine_tune_config():
 
 
 def test_learning_rate_warms_up_then_decays_linearly_to_the_floor(tmp_path):
-    args = run_detection.Pix2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, warmup_steps=10, learning_rate=1.0)
+    args = run_detection.Pix2SeqTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, warmup_steps=10, learning_rate=1.0
+    )
     parameter = torch.nn.Parameter(torch.zeros(1))
     trainer = run_detection.DetectionTrainer(model=torch.nn.Linear(1, 1), args=args)
     optimizer = torch.optim.SGD([parameter], lr=1.0)
@@ -100,11 +130,22 @@ def test_time_budget_leaves_out_evaluation_time():
 
 
 def test_resume_continues_the_step_count(tmp_path):
-    run_detection.main(tiny_run_args(tmp_path, "--max_steps", "2", "--save_steps", "2", "--synthetic_eval_images", "1"))
-    trainer = run_detection.main(tiny_run_args(
-        tmp_path, "--max_steps", "4", "--save_steps", "2", "--synthetic_eval_images", "1",
-        "--resume_from_checkpoint", "last",
-    ))
+    run_detection.main(
+        tiny_run_args(tmp_path, "--max_steps", "2", "--save_steps", "2", "--synthetic_eval_images", "1")
+    )
+    trainer = run_detection.main(
+        tiny_run_args(
+            tmp_path,
+            "--max_steps",
+            "4",
+            "--save_steps",
+            "2",
+            "--synthetic_eval_images",
+            "1",
+            "--resume_from_checkpoint",
+            "last",
+        )
+    )
     assert trainer.state.global_step == 4
     logged_steps = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
     assert logged_steps == [1, 2, 3, 4]  # steps 1-2 come from the checkpoint's state, 3-4 from this run
@@ -113,13 +154,26 @@ def test_resume_continues_the_step_count(tmp_path):
 
 
 def test_coco_folder_run_evaluates_against_the_original_annotations(tmp_path):
-    images = {i: (48, 40) for i in range(1, 7)}
+    images = dict.fromkeys(range(1, 7), (48, 40))
     annotations = [{"image_id": i, "category_id": 1 + 6 * (i % 2), "bbox": [4, 4, 20, 16]} for i in images]
     folder, path = write_coco(tmp_path, images, annotations)
-    trainer = run_detection.main(tiny_run_args(
-        tmp_path / "out", "--train_images", str(folder), "--train_annotations", str(path), "--eval_images",
-        str(folder), "--eval_annotations", str(path), "--max_steps", "2", "--save_strategy", "no",
-    ))
+    trainer = run_detection.main(
+        tiny_run_args(
+            tmp_path / "out",
+            "--train_images",
+            str(folder),
+            "--train_annotations",
+            str(path),
+            "--eval_images",
+            str(folder),
+            "--eval_annotations",
+            str(path),
+            "--max_steps",
+            "2",
+            "--save_strategy",
+            "no",
+        )
+    )
     assert trainer.model.config.id2label == {0: "cat", 1: "dog"}
     assert trainer.model.config.max_instances == 1
     assert {label for p in trainer.last_predictions for label in p["labels"]} <= {1, 7}
@@ -146,9 +200,26 @@ def test_two_process_run_reads_disjoint_images_and_gathers_each_prediction_once(
     # 32 training images, 4 per rank per step, 2 ranks: 4 steps are exactly one pass. 7 evaluation images in batches
     # of 3 make the ranks pad with repeated images, which the gathering must count once.
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, str(tmp_path),
-        *tiny_run_args(tmp_path / "out", "--max_train_samples", "32", "--max_steps", "4", "--save_strategy", "no",
-                       "--synthetic_eval_images", "7", "--ddp_backend", "gloo"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        str(tmp_path),
+        *tiny_run_args(
+            tmp_path / "out",
+            "--max_train_samples",
+            "32",
+            "--max_steps",
+            "4",
+            "--save_strategy",
+            "no",
+            "--synthetic_eval_images",
+            "7",
+            "--ddp_backend",
+            "gloo",
+        ),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     subprocess.run(command, check=True, cwd=REPO, env=env, timeout=600)
@@ -172,21 +243,42 @@ if __name__ == "__main__":
     run_rank(Path(sys.argv[1]), sys.argv[2:])
 
 
-EXAMPLE_OPTIONS = ("--image_square_size", "--trust_remote_code", "--cache_dir", "--model_revision", "--token",
-                   "--image_processor_name", "--config_name", "--train_val_split", "--do_train", "--do_eval",
-                   "--do_predict", "--overwrite_output_dir", "--push_to_hub", "--lr_scheduler_type",
-                   "--metric_for_best_model", "--num_train_epochs")
+EXAMPLE_OPTIONS = (
+    "--image_square_size",
+    "--trust_remote_code",
+    "--cache_dir",
+    "--model_revision",
+    "--token",
+    "--image_processor_name",
+    "--config_name",
+    "--train_val_split",
+    "--do_train",
+    "--do_eval",
+    "--do_predict",
+    "--overwrite_output_dir",
+    "--push_to_hub",
+    "--lr_scheduler_type",
+    "--metric_for_best_model",
+    "--num_train_epochs",
+)
 
 
 def test_help_shows_the_example_scripts_options():
-    result = subprocess.run([sys.executable, "run_detection.py", "--help"], cwd=REPO, capture_output=True, text=True,
-                            check=True, env={**os.environ, "PYTHONPATH": REPO})
+    result = subprocess.run(
+        [sys.executable, "run_detection.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert [option for option in EXAMPLE_OPTIONS if option not in result.stdout] == []
 
 
 def test_lr_scheduler_type_is_respected(tmp_path):
-    args = run_detection.Pix2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, warmup_steps=10,
-                                                  learning_rate=1.0, lr_scheduler_type="linear")
+    args = run_detection.Pix2SeqTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, warmup_steps=10, learning_rate=1.0, lr_scheduler_type="linear"
+    )
     trainer = run_detection.DetectionTrainer(model=torch.nn.Linear(1, 1), args=args)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = trainer.create_scheduler(110, optimizer)
@@ -197,21 +289,45 @@ def test_lr_scheduler_type_is_respected(tmp_path):
 
 
 def test_num_train_epochs_sets_the_steps_outside_the_demo(tmp_path):
-    images = {i: (48, 40) for i in range(1, 7)}
+    images = dict.fromkeys(range(1, 7), (48, 40))
     annotations = [{"image_id": i, "category_id": 1, "bbox": [4, 4, 20, 16]} for i in images]
     folder, path = write_coco(tmp_path, images, annotations)
-    trainer = run_detection.main(tiny_run_args(
-        tmp_path / "out", "--train_images", str(folder), "--train_annotations", str(path), "--num_train_epochs", "2",
-        "--save_strategy", "no", "--do_train", "--max_train_minutes", "0.5",
-    ))
+    trainer = run_detection.main(
+        tiny_run_args(
+            tmp_path / "out",
+            "--train_images",
+            str(folder),
+            "--train_annotations",
+            str(path),
+            "--num_train_epochs",
+            "2",
+            "--save_strategy",
+            "no",
+            "--do_train",
+            "--max_train_minutes",
+            "0.5",
+        )
+    )
     assert trainer.state.global_step == 3  # 6 images x 2 epochs in batches of 4
 
 
 def test_best_model_per_class_map_and_model_cards(tmp_path):
-    trainer = run_detection.main(tiny_run_args(
-        tmp_path, "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1", "--save_steps", "1",
-        "--load_best_model_at_end", "--synthetic_eval_images", "2",
-    ))
+    trainer = run_detection.main(
+        tiny_run_args(
+            tmp_path,
+            "--max_steps",
+            "2",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "1",
+            "--save_steps",
+            "1",
+            "--load_best_model_at_end",
+            "--synthetic_eval_images",
+            "2",
+        )
+    )
     assert trainer.args.metric_for_best_model == "map" and trainer.state.best_metric is not None
     results = json.loads((tmp_path / "eval_results.json").read_text())
     assert {"eval_map_circle", "eval_map_rectangle", "eval_map_triangle", "eval_map_ring"} <= set(results)
@@ -232,8 +348,20 @@ def test_push_to_hub_uploads_the_output_folder_with_its_model_card(tmp_path, mon
             calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path)), card))
 
     monkeypatch.setattr("transformers.trainer.hf_api", FakeHub)
-    run_detection.main(tiny_run_args(tmp_path / "out", "--max_steps", "1", "--save_strategy", "no",
-                                     "--synthetic_eval_images", "1", "--push_to_hub", "--hub_model_id", "me/pix2seq"))
+    run_detection.main(
+        tiny_run_args(
+            tmp_path / "out",
+            "--max_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--synthetic_eval_images",
+            "1",
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/pix2seq",
+        )
+    )
     assert calls[0] == ("create_repo", "me/pix2seq")
     assert calls[-1][:2] == ("upload_folder", "me/pix2seq")
     assert {"README.md", "model.safetensors", "config.json", "generation_config.json"} <= set(calls[-1][2])
@@ -264,8 +392,16 @@ def test_evaluation_decodes_as_the_saved_generation_config_says(tmp_path, monkey
     for do_sample, top_p in ((True, 0.3), (False, 1.0)):
         model_dir = saved_tiny_model(tmp_path / f"model-{do_sample}", do_sample=do_sample, top_p=top_p)
         seen.clear()
-        run_detection.main(tiny_run_args(tmp_path / f"out-{do_sample}", "--model_name_or_path", str(model_dir),
-                                         "--do_eval", "--synthetic_eval_images", "2"))
+        run_detection.main(
+            tiny_run_args(
+                tmp_path / f"out-{do_sample}",
+                "--model_name_or_path",
+                str(model_dir),
+                "--do_eval",
+                "--synthetic_eval_images",
+                "2",
+            )
+        )
         assert seen and all(s == {"do_sample": do_sample, "top_p": top_p} for s in seen)
 
 
@@ -278,8 +414,9 @@ def test_evaluation_reports_a_progress_step_per_batch(tmp_path):
         def on_prediction_step(self, args, state, control, **kwargs):
             Counter.steps += 1
 
-    trainer = run_detection.main(tiny_run_args(tmp_path / "out", "--model_name_or_path",
-                                               str(saved_tiny_model(tmp_path / "model")), "--do_eval"))
+    trainer = run_detection.main(
+        tiny_run_args(tmp_path / "out", "--model_name_or_path", str(saved_tiny_model(tmp_path / "model")), "--do_eval")
+    )
     trainer.add_callback(Counter)
     trainer.evaluate()
     assert Counter.steps == 2  # 5 images in batches of 3
@@ -293,10 +430,20 @@ def test_model_loading_options_of_the_example(tmp_path, monkeypatch):
     model_dir = saved_tiny_model(tmp_path / "model")
     Pix2SeqImageProcessor(image_size=64, pad_value=0.5).save_pretrained(tmp_path / "processor")
     parser = HfArgumentParser((run_detection.ModelArguments, run_detection.DataTrainingArguments))
-    model_args, data_args = parser.parse_args_into_dataclasses([
-        "--model_name_or_path", str(model_dir), "--image_processor_name", str(tmp_path / "processor"),
-        "--image_square_size", "32", "--cache_dir", str(tmp_path / "cache"), "--model_revision", "main",
-    ])
+    model_args, data_args = parser.parse_args_into_dataclasses(
+        [
+            "--model_name_or_path",
+            str(model_dir),
+            "--image_processor_name",
+            str(tmp_path / "processor"),
+            "--image_square_size",
+            "32",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--model_revision",
+            "main",
+        ]
+    )
     label_map = synthetic_split(False, 1).label_map
     model = run_detection.build_model(model_args, data_args, label_map, max_instances=4)
     processor = run_detection.build_image_processor(model_args, model.config)

@@ -8,14 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from testing_utils import tiny_config
 from transformers import AutoModelForObjectDetection
 
-from testing_utils import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-REMOTE_CODE_FILES = ["configuration_pix2seq.py", "modeling_pix2seq.py", "image_processing_pix2seq.py", "tokenization_pix2seq.py"]
+REMOTE_CODE_FILES = [
+    "configuration_pix2seq.py",
+    "modeling_pix2seq.py",
+    "image_processing_pix2seq.py",
+    "tokenization_pix2seq.py",
+]
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 
@@ -39,11 +44,15 @@ def folder_with_pickle(saved_model, tmp_path):
     model, saved = saved_model
     for path in saved.iterdir():
         (tmp_path / path.name).write_bytes(path.read_bytes())
-    torch.save({name: torch.zeros_like(value) for name, value in model.state_dict().items()}, tmp_path / "pytorch_model.bin")
+    torch.save(
+        {name: torch.zeros_like(value) for name, value in model.state_dict().items()}, tmp_path / "pytorch_model.bin"
+    )
     return model, tmp_path
 
 
-@pytest.mark.parametrize("load", [Pix2SeqForObjectDetection.from_pretrained, AutoModelForObjectDetection.from_pretrained])
+@pytest.mark.parametrize(
+    "load", [Pix2SeqForObjectDetection.from_pretrained, AutoModelForObjectDetection.from_pretrained]
+)
 def test_loading_refuses_a_folder_whose_weights_are_only_a_pickle(folder_with_pickle, load):
     _, folder = folder_with_pickle
     (folder / "model.safetensors").unlink()

@@ -4,13 +4,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from testing_utils import tiny_config
+
 from tokenization_pix2seq import Pix2SeqTokenizer
 
 
 def official_tokenizer(**overrides):
-    settings_ = dict(class_ids=list(range(80)), num_bins=1000, max_instances=100)
+    settings_ = {"class_ids": list(range(80)), "num_bins": 1000, "max_instances": 100}
     settings_.update(overrides)
     return Pix2SeqTokenizer(**settings_)
 
@@ -141,18 +141,24 @@ def test_random_object_order_shuffles_real_objects_between_calls():
     boxes = torch.tensor([[0.0, 0.0, 0.2, 0.2], [0.3, 0.3, 0.5, 0.5], [0.6, 0.6, 0.8, 0.8], [0.1, 0.5, 0.3, 0.9]])
     labels = torch.tensor([0, 1, 2, 0])
     generator = torch.Generator().manual_seed(0)
-    orders = {tuple(tokenizer.build_training_sequence(boxes, labels, generator)["labels"][:20].tolist()) for _ in range(20)}
+    orders = {
+        tuple(tokenizer.build_training_sequence(boxes, labels, generator)["labels"][:20].tolist()) for _ in range(20)
+    }
     assert len(orders) > 5
     fixed = Pix2SeqTokenizer.from_config(tiny_config(class_label_corruption="none", random_object_order=False))
     assert fixed.build_training_sequence(boxes, labels)["labels"][:20].tolist() == fixed.encode(boxes, labels).tolist()
 
 
 def test_rand_n_fake_cls_replaces_every_input_class_token_half_random_half_fake():
-    tokenizer = official_tokenizer(class_label_corruption="rand_n_fake_cls", noise_objects=False, random_object_order=False)
+    tokenizer = official_tokenizer(
+        class_label_corruption="rand_n_fake_cls", noise_objects=False, random_object_order=False
+    )
     boxes = torch.tensor([[0.1, 0.1, 0.4, 0.4]]).repeat(100, 1)
     labels = torch.full((100,), 7)
     generator = torch.Generator().manual_seed(0)
-    inputs = torch.stack([tokenizer.build_training_sequence(boxes, labels, generator)["decoder_input_ids"] for _ in range(20)])
+    inputs = torch.stack(
+        [tokenizer.build_training_sequence(boxes, labels, generator)["decoder_input_ids"] for _ in range(20)]
+    )
     targets = tokenizer.build_training_sequence(boxes, labels, generator)["labels"]
     input_classes = inputs[:, 5::5]  # class tokens of objects 0..98 (the task token shifts the input by one)
     assert torch.all(targets[4::5] == 107), "targets keep the true class"

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from testing_utils import tiny_config
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from testing_utils import tiny_config
 from modeling_pix2seq import Pix2SeqForObjectDetection
 from training_safety import (
     LOCK_FILE_NAME,
@@ -54,7 +54,9 @@ class SyntheticDetection(torch.utils.data.Dataset):
         self.calls += 1
         generator = torch.Generator().manual_seed(index)
         corners = torch.rand(3, 2, 2, generator=generator).sort(dim=1).values  # (N, 2 corners, xy)
-        item = self.tokenizer.build_training_sequence(corners.flatten(1), torch.randint(0, 3, (3,), generator=generator), generator)
+        item = self.tokenizer.build_training_sequence(
+            corners.flatten(1), torch.randint(0, 3, (3,), generator=generator), generator
+        )
         item["pixel_values"] = torch.rand(3, 64, 64, generator=generator)
         if self.nan_from_call is not None and self.calls >= self.nan_from_call:
             item["pixel_values"] = torch.full_like(item["pixel_values"], math.nan)
@@ -113,7 +115,9 @@ DAMAGES = {
     "optimizer cut short": lambda folder: truncate(folder / "optimizer.pt"),
     "rng state cut short": lambda folder: truncate(folder / "rng_state.pth"),
     "state cut short": lambda folder: truncate(folder / "trainer_state.json"),
-    "killed before the optimizer": lambda folder: [(folder / name).unlink() for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")],
+    "killed before the optimizer": lambda folder: [
+        (folder / name).unlink() for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+    ],
     "killed before the state": lambda folder: (folder / "trainer_state.json").unlink(),
     "weights deleted by an interrupted rotation": lambda folder: (folder / "model.safetensors").unlink(),
 }
@@ -185,7 +189,9 @@ def main():
             save_optimizer(self, output_dir)
 
         Trainer._save_optimizer_and_scheduler = hang_between_weights_and_optimizer
-    make_trainer(options.output_dir, options.max_steps, save_total_limit=options.save_total_limit, callbacks=callbacks).train()
+    make_trainer(
+        options.output_dir, options.max_steps, save_total_limit=options.save_total_limit, callbacks=callbacks
+    ).train()
 
 
 def run_and_kill(output_dir, *options):

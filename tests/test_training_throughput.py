@@ -1,6 +1,6 @@
 import torch
-
 from testing_utils import Pix2SeqModelTester
+
 from modeling_pix2seq import Pix2SeqForObjectDetection
 
 
