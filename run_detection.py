@@ -621,7 +621,10 @@ def draw_predictions(dataset, predictions, id2label, category_ids, output_dir, n
         boxes = torch.tensor([prediction["boxes"][i] for i in keep], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         captions = [f"{names[prediction['labels'][i]]} {prediction['scores'][i]:.2f}" for i in keep]
-        drawn = torchvision.utils.draw_bounding_boxes((image * 255).to(torch.uint8), boxes, captions, colors="yellow")
+        drawn = (image * 255).to(torch.uint8)
+        # torchvision warns on an empty box list: an image with nothing found is written as it is.
+        if keep:
+            drawn = torchvision.utils.draw_bounding_boxes(drawn, boxes, captions, colors="yellow")
         torchvision.io.write_png(drawn, os.path.join(output_dir, f"{row['image_id']}.png"))
 
 
