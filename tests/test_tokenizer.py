@@ -149,6 +149,16 @@ def test_random_object_order_shuffles_real_objects_between_calls():
     assert fixed.build_training_sequence(boxes, labels)["labels"][:20].tolist() == fixed.encode(boxes, labels).tolist()
 
 
+def test_more_objects_than_max_instances_keeps_a_random_subset():
+    tokenizer = Pix2SeqTokenizer.from_config(tiny_config(max_instances=3, eos_mode=True))
+    boxes = torch.tensor([[i / 10, 0.1, i / 10 + 0.05, 0.2] for i in range(8)])
+    kept = set()
+    for seed in range(10):
+        sequence = tokenizer.build_training_sequence(boxes, torch.zeros(8), torch.Generator().manual_seed(seed))
+        kept |= set(sequence["labels"][1:15:5].tolist())  # the x_min tokens of the 3 objects kept
+    assert len(kept) > 3
+
+
 def test_rand_n_fake_cls_replaces_every_input_class_token_half_random_half_fake():
     tokenizer = official_tokenizer(
         class_label_corruption="rand_n_fake_cls", noise_objects=False, random_object_order=False
