@@ -603,7 +603,9 @@ def build_image_processor(model_args, config):
                 raise
             logger.warning("No image processor saved with %s; using the default one.", source)
     # ImageNet-pretrained timm backbones expect normalised pixels; a backbone trained here learns from [0, 1].
-    return Pix2SeqImageProcessor(image_size=config.image_size, do_normalize=model_args.use_pretrained_backbone)
+    return Pix2SeqImageProcessor(
+        size={"longest_edge": config.image_size}, do_normalize=model_args.use_pretrained_backbone
+    )
 
 
 def draw_predictions(dataset, predictions, id2label, category_ids, output_dir, num_images, score_threshold=0.3):
