@@ -173,7 +173,8 @@ class TFCheckpointReader:
             data = shard.read(entry["size"])
         if len(data) != entry["size"]:
             raise CheckpointFormatError(
-                f"Tensor {name!r}: shard {entry['shard']} ends before its {entry['size']} bytes."
+                f"Tensor {name!r}: {self.shard_path(entry['shard'])} ends before its {entry['size']} bytes "
+                "(a truncated download?)."
             )
         if entry["dtype"] == DT_STRING:
             return self._decode_strings(name, data, entry["shape"])

@@ -42,3 +42,15 @@ def test_reader_rejects_a_file_that_is_not_a_checkpoint_index(tmp_path):
 def test_reader_names_the_missing_index(tmp_path):
     with pytest.raises(FileNotFoundError, match="ckpt-7.index"):
         TFCheckpointReader(tmp_path / "ckpt-7")
+
+
+def test_a_truncated_data_shard_fails_naming_the_file_and_the_tensor(tmp_path):
+    source = require_shared(TF_FIXTURES_DIR / "vit")
+    for name in ("ckpt-1.index", "checkpoint"):
+        (tmp_path / name).write_bytes((source / name).read_bytes())
+    shard = "ckpt-1.data-00000-of-00001"
+    (tmp_path / shard).write_bytes((source / shard).read_bytes()[:100_000])
+    reader = TFCheckpointReader(tmp_path / "ckpt-1")
+    with pytest.raises(CheckpointFormatError, match=rf"{shard} ends before"):
+        for key in reader.keys():
+            reader.read(key)
