@@ -225,8 +225,9 @@ class NoTrainingDataError(ValueError):
     """A training split with no usable example; the message says what was skipped and why."""
 
 
-def _describe(stats):
-    return ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in sorted(stats.items())) or "nothing skipped"
+def describe_counts(stats, empty="nothing skipped"):
+    """Cleaning counts in words (`"2 images missing, 1 boxes clipped"`), or `empty` when none is above zero."""
+    return ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in sorted(stats.items()) if count) or empty
 
 
 def held_out_ids(image_ids, fraction, seed=0):
@@ -330,7 +331,7 @@ def coco_split(
         logger.info("%s: %s", annotations_file, dict(stats))
     if train and not records:
         raise NoTrainingDataError(
-            f"{annotations_file}: no usable training image among {len(images)} in {images_dir}: {_describe(stats)}."
+            f"{annotations_file}: no usable training image among {len(images)} in {images_dir}: {describe_counts(stats)}."
         )
     if streaming:
         dataset = _stream(_coco_records, shards_for(len(records), world_size, num_workers), records=tuple(records))

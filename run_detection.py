@@ -58,6 +58,7 @@ from detection_data import (
     TrainTransform,
     coco_split,
     collate_train,
+    describe_counts,
     hub_split,
     synthetic_split,
     train_stream,
@@ -640,9 +641,9 @@ def bf16_default():
 def summarize_data_cleaning(splits):
     """One WARNING for the run: what cleaning the annotations dropped, clipped or corrected, per split."""
     parts = [
-        f"{name}: " + ", ".join(f"{count} {what.replace('_', ' ')}" for what, count in sorted(split.stats.items()))
+        f"{name}: {describe_counts(split.stats)}"
         for name, split in splits.items()
-        if split is not None and split.stats
+        if split is not None and any(split.stats.values())
     ]
     if parts:
         logger.warning("Data cleaning (details at INFO): %s.", "; ".join(parts))
@@ -657,8 +658,9 @@ def check_training_data(split, reader):
         if reader.read(record["image"], max_size=32) is not None:
             return
     stats = dict(split.stats, images_unreadable_when_decoded=reader.num_skipped)
-    counts = ", ".join(f"{count} {what.replace('_', ' ')}" for what, count in sorted(stats.items()) if count)
-    raise NoTrainingDataError(f"No usable training example: {counts or 'the training data is empty'}.")
+    raise NoTrainingDataError(
+        f"No usable training example: {describe_counts(stats, empty='the training data is empty')}."
+    )
 
 
 def write_predictions(predictions, path):
