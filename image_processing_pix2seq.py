@@ -228,8 +228,8 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
         """One image of any supported kind -> `(3, H, W)` float tensor, rescaled to [0, 1] with `do_rescale`."""
         tensor = _channels_first(image)
         if do_rescale:
-            if tensor.is_floating_point() and tensor.isfinite().any():
-                finite = tensor[tensor.isfinite()]
+            finite = tensor[tensor.isfinite()] if tensor.is_floating_point() else None
+            if finite is not None and finite.numel():
                 if finite.min() < 0 or finite.max() > 1:
                     logger.warning_once(
                         "Pix2SeqImageProcessor got a float image with values outside [0, 1]. Float images are taken "
