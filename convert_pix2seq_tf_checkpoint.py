@@ -25,9 +25,9 @@ import torch
 from transformers import GenerationConfig
 
 from configuration_pix2seq import Pix2SeqConfig
+from conversion.tf_checkpoint_reader import TFCheckpointReader
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection
-from tf_checkpoint_reader import TFCheckpointReader
 
 
 logger = logging.getLogger(__name__)

@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from test_convert_parity import FIXTURES, official_model, reference  # noqa: E402
 from testing_utils import TF_FIXTURES_DIR  # noqa: E402
 
+from conversion.tf_checkpoint_reader import TFCheckpointReader  # noqa: E402
 from convert_pix2seq_tf_checkpoint import convert  # noqa: E402
 from image_processing_pix2seq import Pix2SeqImageProcessor  # noqa: E402
-from tf_checkpoint_reader import TFCheckpointReader  # noqa: E402
 
 
 def max_diff(actual, expected):

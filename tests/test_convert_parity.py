@@ -9,10 +9,10 @@ import torch
 from testing_utils import TF_FIXTURES_DIR, require_shared
 from torch import nn
 
+from conversion.tf_checkpoint_reader import TFCheckpointReader
 from convert_pix2seq_tf_checkpoint import COCO_CATEGORY_NAMES, config_from_official, load_checkpoint_into
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection, Pix2SeqTopPLogitsWarper
-from tf_checkpoint_reader import TFCheckpointReader
 
 
 FIXTURES = ["resnet", "resnet_odd", "resnet_c4", "vit", "resnet_c4_fullwidth"]
