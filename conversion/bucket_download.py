@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com"
 ATTEMPTS = 3
-CHUNK_SIZE = 1 << 20
 # A released folder's path: bucket and folder names as the bucket spells them, no `.`/`..` parts.
 GS_URL = re.compile(r"gs://([a-z0-9][a-z0-9._-]*)/((?:[A-Za-z0-9_-][A-Za-z0-9._-]*/)*[A-Za-z0-9_-][A-Za-z0-9._-]*)/?")
 
@@ -69,15 +68,17 @@ class BucketFolder:
         self.url = url
         self.base_url = base_url.rstrip("/")
         self.local_dir = Path(cache_dir or default_cache_dir()) / self.bucket / self.path
-        self.client = httpx.Client(timeout=timeout, follow_redirects=True)
+        # Bytes as stored: a transcoded (gzip) answer would not match the sizes and ranges of the object.
+        self.client = httpx.Client(timeout=timeout, follow_redirects=True, headers={"Accept-Encoding": "identity"})
 
     def file_url(self, name):
         return f"{self.base_url}/{self.bucket}/{self.path}/{name}"
 
-    def fetch(self, name, required=True):
+    def fetch(self, name, required=True, min_size=0):
         """
         The local path of the folder's file `name`, downloaded unless the cache already holds it. `None` when the
-        server has no such file and `required` is false; `DownloadError` naming the URL on any other failure.
+        server has no such file and `required` is false; `DownloadError` naming the URL on any other failure, or when
+        the server announces fewer than `min_size` bytes.
         """
         target = self.local_dir / name
         if target.is_file():
@@ -87,7 +88,7 @@ class BucketFolder:
         url = self.file_url(name)
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                if self._download(url, partial, name):
+                if self._download(url, partial, name, min_size):
                     break
             except httpx.HTTPError as error:
                 if isinstance(error, httpx.TransportError) and not partial.exists() and attempt == ATTEMPTS:
@@ -102,7 +103,7 @@ class BucketFolder:
         partial.replace(target)
         return target
 
-    def _download(self, url, partial, name):
+    def _download(self, url, partial, name, min_size):
         """Appends to `partial` from where it stops; true once it holds the whole file."""
         start = partial.stat().st_size if partial.is_file() else 0
         headers = {"Range": f"bytes={start}-"} if start else {}
@@ -117,13 +118,15 @@ class BucketFolder:
             if response.status_code == 200:
                 start = 0  # the server ignored the range: the file comes whole
             total = self._total_size(response, start)
+            if total is not None and total < min_size:
+                raise DownloadError(f"{url} is {total} bytes, but its checkpoint index needs {min_size}.")
             with (
                 open(partial, "r+b" if start else "wb") as file,
                 tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=name) as progress,
             ):
                 file.seek(start)
                 file.truncate()
-                for chunk in response.iter_bytes(CHUNK_SIZE):
+                for chunk in response.iter_bytes():  # as received, so that an interruption keeps all of it
                     file.write(chunk)
                     progress.update(len(chunk))
         size = partial.stat().st_size
@@ -154,6 +157,9 @@ class BucketFolder:
             checkpoint = latest_checkpoint_name(self.fetch("checkpoint"))
         self.fetch(f"{checkpoint}.index")
         reader = TFCheckpointReader(self.local_dir / checkpoint)
+        ends = {}
+        for entry in reader.entries.values():
+            ends[entry["shard"]] = max(ends.get(entry["shard"], 0), entry["offset"] + entry["size"])
         for shard in range(reader.num_shards):
-            self.fetch(reader.shard_path(shard).name)
+            self.fetch(reader.shard_path(shard).name, min_size=ends.get(shard, 0))
         return self.local_dir
