@@ -4,6 +4,7 @@ from its `config_2022.json` exactly as from today's layout."""
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -188,11 +189,14 @@ def objects365_config(variant):
     return official
 
 
-def test_an_objects365_fixture_converts_with_numbered_labels(tmp_path):
+def test_an_objects365_fixture_converts_with_numbered_labels(tmp_path, caplog):
     official = objects365_config("vit")
     assert "tasks" not in official and "vocab_id" not in official["task"] and "name" not in official["model"]
     folder = copy_checkpoint("vit", tmp_path / "obj365", official)
-    convert(folder, tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="convert_pix2seq_tf_checkpoint"):
+        convert(folder, tmp_path / "out")
+    said = [record for record in caplog.records if "task.vocab_id" in record.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO and "the official 10" in said[0].getMessage()
     model = assert_parity(tmp_path / "out", "vit")
     assert model.config.id2label == {index: f"LABEL_{index}" for index in range(1, 366)}
     assert "Objects365" in (tmp_path / "out" / "README.md").read_text()

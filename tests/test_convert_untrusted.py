@@ -213,6 +213,21 @@ def test_a_gigantic_shape_is_refused_naming_the_tensor(capsys, folder, tmp_path)
     assert PROJ_KERNEL in message and "is 6144 bytes, but shape (34359738367,) of float32" in message
 
 
+def test_an_empty_tensor_with_a_gigantic_dimension_is_refused():
+    # Shape (0, 2**62): zero bytes, so its size agrees, but no shape comparison or meta tensor should see it.
+    def varint(value):
+        out = bytearray()
+        while value >= 0x80:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        return bytes(out + bytes([value]))
+
+    dims = b"\x12\x02\x08\x00" + b"\x12" + varint(len(varint(2**62)) + 1) + b"\x08" + varint(2**62)
+    entry = b"\x08\x01\x12" + varint(len(dims)) + dims + b"\x28\x00"
+    with pytest.raises(CheckpointFormatError, match=r"tensor 'x' has the impossible shape \(0, 4611686018427387904\)"):
+        TFCheckpointReader._parse_entry("x", entry)
+
+
 def test_tensors_beyond_the_shard_are_refused_before_any_model_is_built(capsys, folder, tmp_path, no_model_built):
     data = (folder / SHARD).read_bytes()
     (folder / SHARD).write_bytes(data[: len(data) // 2])
