@@ -839,6 +839,7 @@ def convert(
     source = str(checkpoint_dir)
     if is_gs_url(source):
         bucket_folder = BucketFolder(source, cache_dir=cache_dir, base_url=base_url)
+        check_output_dir(output_dir, bucket_folder.local_dir, overwrite_output_dir)  # before downloading anything
         checkpoint_dir = bucket_folder.fetch_checkpoint(checkpoint, with_config=config_file is None)
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():

@@ -16,7 +16,7 @@ from pathlib import Path
 from huggingface_hub.utils import httpx
 from transformers.utils.logging import tqdm
 
-from conversion.tf_checkpoint_reader import TFCheckpointReader, latest_checkpoint_name
+from conversion.tf_checkpoint_reader import TFCheckpointReader, checkpoint_name, latest_checkpoint_name
 
 
 logger = logging.getLogger(__name__)
@@ -155,6 +155,8 @@ class BucketFolder:
             self.fetch("config.json", required=False)
         if checkpoint is None:
             checkpoint = latest_checkpoint_name(self.fetch("checkpoint"))
+        else:
+            checkpoint = checkpoint_name(checkpoint, "--checkpoint")
         self.fetch(f"{checkpoint}.index")
         reader = TFCheckpointReader(self.local_dir / checkpoint)
         ends = {}

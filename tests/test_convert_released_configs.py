@@ -209,3 +209,27 @@ def test_an_objects365_folder_is_recognised_by_its_name_when_the_dataset_says_no
     folder = copy_checkpoint("vit", tmp_path / "obj365_pretrain" / "vit_tiny", official)
     model = convert(folder, tmp_path / "out")
     assert len(model.config.id2label) == 365
+
+
+@pytest.mark.parametrize("config_file", ["config.json", "config_nov2022.json"])
+def test_a_multi_task_fixture_converts_its_detection_task_with_parity(config_file, tmp_path):
+    import numpy as np
+
+    source = require_shared(SHARED_DIR / "reference" / "pix2seq_v2_fixtures" / "multitask_vit")
+    official = json.loads((source / config_file).read_text())
+    assert len(official["tasks"]) == 4
+    folder = tmp_path / "multitask_vit"
+    folder.mkdir()
+    for name in ("ckpt-1.index", "ckpt-1.data-00000-of-00001", "checkpoint"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    # No config.json in the folder, as the released multi-task folders may have none: given with --config.
+    model = convert(folder, tmp_path / "out", config_file=source / config_file)
+    assert (model.config.vocab_size, model.config.task_token_id, model.config.num_bins) == (35000, 10, 1000)
+    assert model.generation_config.top_p == 0.4  # the detection task's decoding, not instance segmentation's 0.8
+    reference = np.load(source.parent / "multitask_vit_reference.npz")
+    pixel_values = torch.from_numpy(reference["images"]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        logits = model(pixel_values=pixel_values, decoder_input_ids=torch.from_numpy(reference["det_seq"])).logits
+        greedy = model.generate(pixel_values=pixel_values, do_sample=False, max_new_tokens=30)
+    assert float((logits - torch.from_numpy(reference["det_logits"])).abs().max()) < 1e-4
+    assert torch.equal(greedy[:, 1:], torch.from_numpy(reference["det_pred_seq"][:, :30]))
