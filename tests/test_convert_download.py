@@ -158,6 +158,14 @@ def test_a_shard_shorter_than_its_index_needs_is_refused_before_downloading_it(c
     assert not (tmp_path / "cache" / "pix2seq" / FOLDER / SHARD).exists()
 
 
+def test_an_existing_output_folder_is_refused_before_anything_is_downloaded(capsys, bucket, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        convert_from(bucket, tmp_path)
+    assert "already exists and is not empty" in capsys.readouterr().err and bucket.requests == []
+
+
 def test_a_missing_file_is_refused_naming_its_url(capsys, bucket, tmp_path):
     (bucket.root / FOLDER / SHARD).unlink()
     stderr = refused(capsys, bucket, tmp_path)
