@@ -1,8 +1,12 @@
 """
 Parity of converted official checkpoints with the official TF model, on every fixture of
 `../shared/reference/pix2seq_tf_fixtures` (tiny models of each family, random weights): max |diff| of the encoder
-output, the projected encoding and the teacher-forced logits, greedy-token equality, the reader's time to read every
-tensor, the conversion's time, and the official preprocessing's max |diff|. Prints a table and writes JSON.
+output, the projected encoding and the teacher-forced logits (from today's `config.json` layout and from the 2022
+release's `config_2022.json`), greedy-token equality, the reader's time to read every tensor (crc32c checked), the
+conversion's time, and the official preprocessing's max |diff|. Then, for every released folder
+(`released_configs_2022/`), the command that converts it and what the converter builds from its likely `config.json`
+against the family's full-size key list, on the meta device: family, image size, parameters, labels. Prints tables
+and writes JSON.
 
     python benchmarks/official_parity.py --output benchmarks/official_parity.json
 """
@@ -26,9 +30,18 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from test_convert_parity import FIXTURES, official_model, reference  # noqa: E402
 from testing_utils import TF_FIXTURES_DIR  # noqa: E402
 
-from convert_pix2seq_tf_checkpoint import convert  # noqa: E402
+from conversion.tf_checkpoint_reader import TFCheckpointReader  # noqa: E402
+from convert_pix2seq_tf_checkpoint import (  # noqa: E402
+    check_settings_against_checkpoint,
+    config_from_official,
+    convert,
+    dataset_kind,
+    default_id2label,
+    map_checkpoint_keys,
+    meta_model,
+    released_family,
+)
 from image_processing_pix2seq import Pix2SeqImageProcessor  # noqa: E402
-from tf_checkpoint_reader import TFCheckpointReader  # noqa: E402
 
 
 def max_diff(actual, expected):
@@ -52,6 +65,9 @@ def measure(variant):
     ref = reference(variant)
     pixel_values = ref["images"].permute(0, 3, 1, 2)
     with torch.no_grad():
+        logits_2022 = official_model(variant, "config_2022.json")(
+            pixel_values=pixel_values, decoder_input_ids=ref["seq"]
+        ).logits
         encoder_output, _ = model.model.encoder.encode(pixel_values)
         encoded = model.model.encoder(pixel_values).last_hidden_state
         logits = model(pixel_values=pixel_values, decoder_input_ids=ref["seq"]).logits
@@ -61,11 +77,56 @@ def measure(variant):
         "encoder_output": max_diff(encoder_output, ref["encoder_output"]),
         "encoded": max_diff(encoded, ref["encoded"]),
         "logits": max_diff(logits, ref["logits"]),
+        "logits_from_config_2022": max_diff(logits_2022, ref["logits"]),
         "greedy_equal": bool(torch.equal(greedy[:, 1:], ref["pred_seq"])),
         "tensors": len(reader),
         "reader_s": reader_seconds,
         "convert_s": convert_seconds,
     }
+
+
+def released_table():
+    """For every folder of `released_configs_2022/`: the command and what the converter builds (meta device)."""
+    released_dir = TF_FIXTURES_DIR / "released_configs_2022"
+    key_lists = {"resnet_": "resnet", "resnetc_": "resnet-c", "vit_b_": "vit-b", "vit_l_": "vit-l"}
+    rows = []
+    for config_path in sorted(released_dir.glob("*/*/config.json")):
+        folder = config_path.parent.relative_to(released_dir)
+        official = json.loads(config_path.read_text())
+        prefix = max((prefix for prefix in key_lists if folder.name.startswith(prefix)), key=len)
+        shapes = {}
+        for line in (TF_FIXTURES_DIR / "full_size_variables" / f"{key_lists[prefix]}_variables.txt").open():
+            name, shape = line.rstrip("\n").split("\t")
+            shapes[name] = tuple(json.loads(shape))
+        vocab_size = official["model"]["vocab_size"]
+        for key in ("model/decoder/ar_decoder.Stoken_embedding", "model/decoder/ar_decoder.Soutp_bias"):
+            key += "/.ATTRIBUTES/VARIABLE_VALUE"
+            shapes[key] = (vocab_size, *shapes[key][1:])
+        check_settings_against_checkpoint(official["model"], shapes, config_path)
+        config = config_from_official(official, default_id2label(official, folder=folder), config_path)
+        model = meta_model(config)
+        map_checkpoint_keys(shapes, model)
+        kind = dataset_kind(official, folder)
+        multi_task = folder.parts[0] == "multi_task"
+        # The multi-task folders are `multi_task/ckpt/...` in the bucket; their config comes with --config (README).
+        bucket_path = f"multi_task/ckpt/{folder.name}" if multi_task else str(folder)
+        command = f"python convert_pix2seq_tf_checkpoint.py --checkpoint_dir gs://pix2seq/{bucket_path} "
+        command += f"--output_dir pix2seq-{folder.parts[0].split('_')[0]}-{folder.name.replace('_', '-')}"
+        if multi_task:
+            command += f" --config multi_task_{folder.name}.json"
+        rows.append(
+            {
+                "folder": bucket_path,
+                "command": command,
+                "family": released_family(official),
+                "image_size": config.image_size,
+                "parameters": sum(parameter.numel() for parameter in model.parameters()),
+                "vocab_size": vocab_size,
+                "labels": f"{len(config.id2label)} {'COCO names' if kind == 'coco' else 'numbered (LABEL_n)'}",
+                "prompt": config.task_token_id,
+            }
+        )
+    return rows
 
 
 def preprocessing_diff():
@@ -89,6 +150,7 @@ def main():
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "fixtures": rows,
         "preprocessing_max_diff": preprocessing_diff(),
+        "released": released_table(),
     }
     header = f"{'fixture':<20} {'encoder out':>11} {'encoded':>9} {'logits':>9} {'greedy':>6} "
     header += f"{'reader s':>8} {'convert s':>9}"
@@ -100,6 +162,18 @@ def main():
             f"{str(row['greedy_equal']):>6} {row['reader_s']:>8.3f} {convert_seconds:>9}"
         )
     print(f"official preprocessing, 15 cases: max |diff| {result['preprocessing_max_diff']:.1e}")
+    print(
+        "logits from config_2022.json: max |diff| "
+        + ", ".join(f"{row['fixture']} {row['logits_from_config_2022']:.1e}" for row in rows)
+    )
+    print()
+    print("| released folder | command | family | image size | parameters | labels |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in result["released"]:
+        print(
+            f"| `{row['folder']}` | `{row['command']}` | {row['family']} | {row['image_size']} | "
+            f"{row['parameters']:,} | {row['labels']} (prompt {row['prompt']}, vocabulary {row['vocab_size']}) |"
+        )
     with open(args.output, "w") as file:
         json.dump(result, file, indent=1)
 

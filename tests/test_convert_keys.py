@@ -9,6 +9,7 @@ import torch
 from testing_utils import SHARED_DIR, TF_FIXTURES_DIR, require_shared
 from transformers import initialization as init
 
+from conversion.tf_checkpoint_reader import TFCheckpointReader
 from convert_pix2seq_tf_checkpoint import (
     COCO_CATEGORY_NAMES,
     CheckpointMappingError,
@@ -23,7 +24,6 @@ from convert_pix2seq_tf_checkpoint import (
     released_family,
 )
 from modeling_pix2seq import Pix2SeqForObjectDetection
-from tf_checkpoint_reader import TFCheckpointReader
 
 
 # The released architectures (official README and the official configs), and their published parameter counts.

@@ -9,14 +9,15 @@ import torch
 from testing_utils import TF_FIXTURES_DIR, require_shared
 from torch import nn
 
+from conversion.tf_checkpoint_reader import TFCheckpointReader
 from convert_pix2seq_tf_checkpoint import COCO_CATEGORY_NAMES, config_from_official, load_checkpoint_into
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection, Pix2SeqTopPLogitsWarper
-from tf_checkpoint_reader import TFCheckpointReader
 
 
 FIXTURES = ["resnet", "resnet_odd", "resnet_c4", "vit", "resnet_c4_fullwidth"]
 TOLERANCE = 1e-4
+CONFIG_FILES = ["config.json", "config_2022.json"]
 
 
 def narrow_resnet_stem(model, width):
@@ -33,9 +34,9 @@ def narrow_resnet_stem(model, width):
     block.downsample[0] = nn.Conv2d(width, block.downsample[0].out_channels, 1, bias=False)
 
 
-def official_model(variant, **config_overrides):
+def official_model(variant, config_file="config.json", **config_overrides):
     folder = require_shared(TF_FIXTURES_DIR / variant)
-    official = json.loads((folder / "config.json").read_text())
+    official = json.loads((folder / config_file).read_text())
     config = config_from_official(official, COCO_CATEGORY_NAMES)
     for name, value in config_overrides.items():
         setattr(config, name, value)
@@ -55,11 +56,12 @@ def max_diff(actual, expected):
     return float((actual - expected).abs().max())
 
 
-@pytest.fixture(scope="module", params=FIXTURES)
+# Each fixture's run configuration in today's official layout and in the 2022 release's (the released folders' own).
+@pytest.fixture(scope="module", params=[(variant, name) for variant in FIXTURES for name in CONFIG_FILES])
 def converted(request):
-    variant = request.param
+    variant, config_file = request.param
     ref = reference(variant)
-    model = official_model(variant)
+    model = official_model(variant, config_file)
     pixel_values = ref["images"].permute(0, 3, 1, 2)  # official images are channels last
     with torch.no_grad():
         encoder_output, _ = model.model.encoder.encode(pixel_values)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from testing_utils import TF_FIXTURES_DIR, require_shared
 
-from tf_checkpoint_reader import CheckpointFormatError, TFCheckpointReader
+from conversion.tf_checkpoint_reader import CheckpointFormatError, TFCheckpointReader
 
 
 def variables_listing(path):
