@@ -25,7 +25,6 @@ from pycocotools import mask as mask_utils
 
 PAD_TOKEN_ID = 0
 PROMPT_TOKEN_IDS = {"object_detection": 10, "instance_segmentation": 11, "keypoint_detection": 12, "captioning": 13}
-FAKE_TOKEN_ID = 30
 SEPARATOR_TOKEN_ID = 40
 INVISIBLE_TOKEN_ID = 41
 CLASS_TOKEN_OFFSET = 100
@@ -387,7 +386,7 @@ def keypoint_scores(tokens, logits, detection_scores, points_score_weight=1.0):
     probs = logits.float().softmax(dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     emitted = tokens != PAD_TOKEN_ID
     mean = (probs * emitted).sum(dim=-1) / emitted.sum(dim=-1)
-    detection_scores = torch.as_tensor(detection_scores, dtype=mean.dtype)
+    detection_scores = torch.as_tensor(detection_scores, dtype=mean.dtype, device=mean.device)
     return points_score_weight * mean + (1 - points_score_weight) * detection_scores
 
 
@@ -408,13 +407,13 @@ def decode_keypoints(tokens, boxes, crop_offsets, crop_sizes, canvas_size):
     points = dequantize(tokens).reshape(len(tokens), NUM_KEYPOINTS, 2)
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 2, 2)
     centres = (boxes[:, 0] + boxes[:, 1]) / np.float32(2)
-    points = np.where(points == INVISIBLE_VALUE, centres[:, None], points)
+    points = np.where(points == INVISIBLE_VALUE, centres[:, None], points).reshape(len(tokens), -1)
     crop_sizes = np.asarray(crop_sizes)
     unpadded = np.asarray([resized_size(*size, canvas_size) for size in crop_sizes])
     scale = canvas_to_pixel_scale(unpadded, crop_sizes, canvas_size)[:, None]
     offsets = np.asarray(crop_offsets, dtype=np.float32)[:, None]
-    rescaled = np.where(np.isin(points, RESERVED_VALUES), points, points * scale + offsets)
-    return rescaled[..., ::-1].copy()
+    pixels = rescale_points(points, scale, offsets).reshape(len(tokens), NUM_KEYPOINTS, 2)
+    return pixels[..., ::-1].copy()
 
 
 def post_process_keypoints(
@@ -457,7 +456,9 @@ def post_process_keypoints(
     if suppress_invisible:
         tokens, logits = suppress_invisible_keypoints(tokens, logits, top_k, top_p, temperature, generator)
     return {
-        "keypoints": torch.from_numpy(decode_keypoints(tokens.numpy(), boxes, crop_offsets, crop_sizes, canvas_size)),
+        "keypoints": torch.from_numpy(
+            decode_keypoints(tokens.cpu().numpy(), boxes, crop_offsets, crop_sizes, canvas_size)
+        ),
         "visible": visible,
         "scores": keypoint_scores(tokens, logits, detection_scores, points_score_weight),
         "tokens": tokens,
