@@ -4,15 +4,13 @@ are checked before anything is allocated, a folder missing a weight is refused b
 regular file is never read (a FIFO would block forever).
 """
 
-import contextlib
 import json
 import os
-import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from testing_utils import tiny_config
+from testing_utils import tiny_config, unblocked_after
 
 import modeling_pix2seq
 from image_processing_pix2seq import (
@@ -24,32 +22,6 @@ from image_processing_pix2seq import (
     open_regular_file,
 )
 from modeling_pix2seq import Pix2SeqForObjectDetection, Pix2SeqModel
-
-
-@contextlib.contextmanager
-def unblocked_after(fifo, seconds=10.0):
-    """
-    Opens the write end of `fifo` once `seconds` have passed and a reader waits on it, so that code blocked reading
-    it (the behaviour under test) returns instead of hanging the test run.
-    """
-    stop = threading.Event()
-
-    def unblock():
-        if stop.wait(seconds):
-            return
-        while not stop.is_set():
-            try:
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:  # no reader yet
-                stop.wait(0.05)
-
-    thread = threading.Thread(target=unblock, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 @pytest.fixture(scope="module")
