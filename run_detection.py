@@ -771,6 +771,7 @@ def main(argv=None):
                 training_args.output_dir,
                 training_args.max_steps,
                 require_optimizer=not training_args.save_only_model,
+                final_save=True,
             )
             check_output_dir(
                 training_args.output_dir, resuming=resume is not None, overwrite=training_args.overwrite_output_dir

@@ -282,13 +282,15 @@ def checkpoint_step(checkpoint):
     return read_json(Path(checkpoint) / "trainer_state.json")["global_step"]
 
 
-def resolve_resume(requested, output_dir, max_steps=-1, require_optimizer=True):
+def resolve_resume(requested, output_dir, max_steps=-1, require_optimizer=True, final_save=False):
     """
     The checkpoint folder that `--resume_from_checkpoint requested` resumes from, or `None` to start from scratch.
 
     `requested` is `None`, `"last"` (also `True`: the newest complete checkpoint of `output_dir`) or a folder. Raises
     `ValueError` for an explicit folder that `checkpoint_problem` rejects (the message names the broken file) and when
-    `max_steps` (if positive) is at or below the checkpoint's step.
+    `max_steps` (if positive) is at or below the checkpoint's step. With `final_save` (runs that end by saving their
+    model into `output_dir`), a checkpoint at exactly `max_steps` is returned when `output_dir` holds no complete
+    final model: the run was stopped during its final save, which the caller then makes from the checkpoint.
     """
     if requested in (None, False, ""):
         return None
@@ -306,7 +308,7 @@ def resolve_resume(requested, output_dir, max_steps=-1, require_optimizer=True):
         if problem is not None:
             raise ValueError(f"Cannot resume from {checkpoint}: {problem}.")
     step = checkpoint_step(checkpoint)
-    if max_steps is not None and 0 < max_steps == step and (problem := saved_model_problem(output_dir)):
+    if final_save and max_steps is not None and 0 < max_steps == step and (problem := saved_model_problem(output_dir)):
         # The run reached its last step, saved this checkpoint, and was stopped before its final model was whole.
         logger.warning(
             "%s holds no complete final model (%s): the run was stopped during its final save. %s is at --max_steps "
@@ -345,19 +347,17 @@ def check_output_dir(output_dir, resuming=False, overwrite=False):
     found = saved_model_contents(output_dir)
     if found and not resuming and not overwrite:
         shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-        checkpoints = [name for name in found if CHECKPOINT_PATTERN.match(name)]
         problem = saved_model_problem(output_dir)
-        if checkpoints and problem:
-            raise FileExistsError(
-                f"Output folder {output_dir} holds checkpoints ({', '.join(checkpoints[-3:])}) but no complete final "
-                f"model ({problem}): a run was stopped before or during its final save. --resume_from_checkpoint "
-                "last continues it (a checkpoint at --max_steps becomes the final model without training); "
-                "--overwrite_output_dir starts again from scratch."
-            )
+        stopped = (
+            f" but no complete final model ({problem}): a run stopped before its end or during its final save"
+            if problem and any(CHECKPOINT_PATTERN.match(name) for name in found)
+            else ""
+        )
         raise FileExistsError(
-            f"Output folder {output_dir} already holds a saved model or checkpoints ({shown}); training would "
-            "overwrite them. Use --resume_from_checkpoint last to continue that run, --overwrite_output_dir to "
-            "replace it, or another --output_dir."
+            f"Output folder {output_dir} already holds a saved model or checkpoints ({shown}){stopped}; training "
+            "would overwrite them. Use --resume_from_checkpoint last to continue that run (a checkpoint at "
+            "--max_steps becomes the final model without training), --overwrite_output_dir to replace it, or "
+            "another --output_dir."
         )
 
 

@@ -258,7 +258,9 @@ def test_a_kill_during_the_final_save_leaves_no_truncated_file_and_resume_finish
     # Nothing of the interrupted save is in the folder users load.
     assert not (output_dir / "config.json").exists() and not (output_dir / "model.safetensors").exists()
 
-    with pytest.raises(FileExistsError, match=r"no complete final model.*--resume_from_checkpoint last continues it"):
+    with pytest.raises(
+        FileExistsError, match=r"no complete final model.*--resume_from_checkpoint last to continue that run"
+    ):
         run_detection.main(args)
     run_detection.main([*args, "--resume_from_checkpoint", "last"])
     assert not (output_dir / STAGING_DIR_NAME).exists()
