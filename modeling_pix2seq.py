@@ -218,6 +218,8 @@ class Pix2SeqPreTrainedModel(PreTrainedModel):
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(*args, use_safetensors=True, output_loading_info=True, **kwargs)
         check_no_missing_weights(model, loading_info, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        if model.can_generate():
+            check_generation_length(model.generation_config, model.config)
         return (model, loading_info) if output_loading_info else model
 
     @torch.no_grad()

@@ -42,7 +42,7 @@ class NoStaticCache:
 
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 @pytest.mark.parametrize("max_new_tokens", [33, 10**9])
-def test_max_new_tokens_beyond_the_position_table_is_refused_before_allocation(
+def test_max_new_tokens_beyond_the_position_table_is_refused_at_load_and_before_allocation(
     model_folder, tmp_path, monkeypatch, max_new_tokens, cache_implementation
 ):
     folder = tmp_path / "folder"
@@ -52,10 +52,14 @@ def test_max_new_tokens_beyond_the_position_table_is_refused_before_allocation(
     generation = json.loads((folder / "generation_config.json").read_text())
     generation.update(max_new_tokens=max_new_tokens, cache_implementation=cache_implementation)
     (folder / "generation_config.json").write_text(json.dumps(generation))
-    model = Pix2SeqForObjectDetection.from_pretrained(folder).eval()
+    message = rf"max_new_tokens={max_new_tokens} .* max_position_embeddings=32"
+    with pytest.raises(ValueError, match=message):
+        Pix2SeqForObjectDetection.from_pretrained(folder)
+    # Set after loading, or per call: refused by generate() and detection, before a cache is allocated.
+    model = Pix2SeqForObjectDetection.from_pretrained(model_folder).eval()
+    model.generation_config.update(max_new_tokens=max_new_tokens, cache_implementation=cache_implementation)
     monkeypatch.setattr(modeling_pix2seq, "StaticCache", NoStaticCache)
     pixel_values = torch.rand(1, 3, 64, 64)
-    message = rf"max_new_tokens={max_new_tokens} .* max_position_embeddings=32"
     with pytest.raises(ValueError, match=message):
         model.generate(pixel_values)
     with pytest.raises(ValueError, match=message):
