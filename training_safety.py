@@ -464,9 +464,10 @@ def staged_save(output_dir, writer=True):
     """
     Makes a save into `output_dir` atomic. Yields a staging folder inside `output_dir` to write every file into; once
     the block ends without error, marks the staging folder complete and moves its files into `output_dir` (renames,
-    replacing older files of the same names). A block that raises leaves `output_dir` as it was. A kill after the
-    marker is finished by `finish_interrupted_save`, before it is dropped. Non-writing processes (`writer=False`,
-    other ranks of a distributed run) get the same path, and touch nothing.
+    replacing older files of the same names). A block that raises leaves `output_dir` as it was. After a kill,
+    `finish_interrupted_save` (at the next start) finishes the moves if the marker was written, and otherwise drops
+    the staging folder. Non-writing processes (`writer=False`, other ranks of a distributed run) get the same path
+    and touch nothing.
     """
     staging = Path(output_dir) / STAGING_DIR_NAME
     if not writer:
