@@ -545,6 +545,8 @@ def check_generation_length(generation_config, config):
     """
     if generation_config.max_new_tokens is not None:
         setting, new_tokens = "max_new_tokens", generation_config.max_new_tokens
+    elif generation_config.max_length is None:
+        return
     else:
         # One decoder input (the task token) before the new tokens.
         setting, new_tokens = "max_length", generation_config.max_length - 1
