@@ -233,6 +233,17 @@ class Pix2SeqConfig(PretrainedConfig):
                 "AutoModelForObjectDetection": "modeling_pix2seq.Pix2SeqForObjectDetection",
             },
         )
+        # `pipeline("object-detection", model=folder, trust_remote_code=True)` builds Pix2Seq's own pipeline class.
+        kwargs.setdefault(
+            "custom_pipelines",
+            {
+                "object-detection": {
+                    "impl": "pipeline_pix2seq.Pix2SeqObjectDetectionPipeline",
+                    "pt": ["AutoModelForObjectDetection"],
+                    "type": "image",
+                }
+            },
+        )
         kwargs.setdefault("is_encoder_decoder", True)
         kwargs.setdefault("eos_token_id", pad_token_id)
         super().__init__(pad_token_id=pad_token_id, **kwargs)

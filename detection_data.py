@@ -15,7 +15,6 @@ time) and `category` (a `ClassLabel`, whose names become `id2label`), optionally
 """
 
 import io
-import json
 import logging
 import math
 import os
@@ -33,8 +32,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from image_processing_pix2seq import to_rgb_tensor
+from image_processing_pix2seq import open_regular_file, to_rgb_tensor
 from synthetic_shapes import EVAL_INDEX_OFFSET, MAX_OBJECTS, SHAPE_CLASSES, draw_example
+from training_safety import read_json
 
 
 logger = logging.getLogger(__name__)
@@ -94,16 +94,11 @@ def _is_number(value):
 def load_coco_annotations(path):
     """
     Reads a COCO instances file and checks the fields training needs; every error names the file, the record and the
-    field: malformed JSON, missing lists, an empty `categories`, repeated image ids, boxes that are not 4 finite
-    numbers (booleans and NaN included), annotations of unknown images or categories.
+    field: a path that is no regular file, malformed or too deeply nested JSON, missing lists, an empty `categories`,
+    repeated image ids, boxes that are not 4 finite numbers (booleans and NaN included), annotations of unknown
+    images or categories.
     """
-    try:
-        with open(path) as file:
-            coco = json.load(file)
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}"
-        ) from error
+    coco = read_json(path)
     if not isinstance(coco, dict):
         _fail(path, "top level", f"expected a JSON object, got {type(coco).__name__}")
     for key in ("images", "annotations", "categories"):
@@ -209,10 +204,11 @@ def header_orientation(image):
 def image_file_size(path):
     """
     `(width, height)` of the image file at `path` as it is trained on (upright by its EXIF orientation), read from
-    the header without decoding the pixels; `None` when the file is missing or not an image.
+    the header without decoding the pixels; `None` when the file is missing, not an image, or no regular file (a FIFO
+    would block the read forever).
     """
     try:
-        with PIL.Image.open(path) as image:
+        with open_regular_file(path) as file, PIL.Image.open(file) as image:
             width, height = image.size
             if header_orientation(image) in _TRANSPOSING_ORIENTATIONS:
                 width, height = height, width
@@ -277,7 +273,7 @@ def coco_split(
     with ThreadPoolExecutor(max_workers=8) as pool:
         file_sizes = list(pool.map(image_file_size, paths))
 
-    stats, records, references, resized = Counter(), [], [], []
+    stats, records, references, resized, irregular = Counter(), [], [], [], []
     for image, path, file_size in zip(images, paths, file_sizes):
         annotations = per_image[image["id"]]
         if not train:
@@ -291,7 +287,13 @@ def coco_split(
                 }
             )
         if file_size is None:
-            stats["images_missing" if not os.path.exists(path) else "images_unreadable"] += 1
+            if not os.path.exists(path):
+                stats["images_missing"] += 1
+            elif not os.path.isfile(path):
+                stats["images_not_regular_files"] += 1
+                irregular.append(path)
+            else:
+                stats["images_unreadable"] += 1
             continue
         width, height = file_size
         if (width, height) != (image["width"], image["height"]):
@@ -319,6 +321,14 @@ def coco_split(
                 "height": height,
                 "objects": {"bbox": boxes, "category": categories},
             }
+        )
+    if irregular:
+        logger.warning(
+            "%s: skipped %d image paths that are no regular files (FIFOs, devices, sockets or folders, which a read "
+            "could block on forever): %s.",
+            annotations_file,
+            len(irregular),
+            ", ".join(irregular[:3]) + (" ..." if len(irregular) > 3 else ""),
         )
     if resized:
         logger.warning(
@@ -498,7 +508,10 @@ class ImageReader:
         """
         name = value.get("path") or "<image bytes>"
         try:
-            with PIL.Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]) as image:
+            with (
+                io.BytesIO(value["bytes"]) if value.get("bytes") else open_regular_file(value["path"]) as file,
+                PIL.Image.open(file) as image,
+            ):
                 return self._decode(image, max_size)
         except Exception as error:  # PIL raises OSError, ValueError, SyntaxError... for bad files
             if self.fail_on_bad_records:

@@ -1,6 +1,7 @@
 """Image processor for Pix2Seq: resize the longest side, pad bottom-right to a fixed square canvas."""
 
 import os
+import stat
 
 import PIL.Image
 import PIL.ImageOps
@@ -23,9 +24,45 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+# The largest canvas side a processor accepts: a float canvas takes 12 * S^2 bytes per image (0.2 GB at 4096), and a
+# `size` read from a folder must not ask for terabytes. The released models use 640 to 1333.
+MAX_CANVAS_SIDE = 4096
+
+_FILE_KINDS = {
+    stat.S_IFDIR: "folder",
+    stat.S_IFIFO: "FIFO (named pipe)",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
 
 class InvalidImageError(ValueError):
     """An image file that cannot be decoded, or an image with an empty side."""
+
+
+class NotARegularFileError(OSError):
+    """A path that is a FIFO, device, socket or folder where a regular file is read."""
+
+
+def open_regular_file(path, mode="rb"):
+    """
+    Opens `path` for reading only if it is a regular file (symbolic links followed). Reading a FIFO blocks until
+    something writes to it, and a device such as /dev/zero never ends; raises `NotARegularFileError` naming the path
+    and what it is. The check is made on the opened file (opened without blocking), so it cannot be raced.
+    """
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        kind = stat.S_IFMT(os.fstat(descriptor).st_mode)
+        if kind != stat.S_IFREG:
+            raise NotARegularFileError(
+                f"{path} is a {_FILE_KINDS.get(kind, 'special file')}, not a regular file; only regular files are read"
+            )
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, mode)
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 def load_image(path):
@@ -35,7 +72,7 @@ def load_image(path):
     `to_rgb_tensor`.
     """
     try:
-        with PIL.Image.open(path) as image:
+        with open_regular_file(path) as file, PIL.Image.open(file) as image:
             image.load()
             return image
     # PIL reports bad data as OSError (truncated, unidentified), SyntaxError (broken PNG chunks), ValueError or
@@ -194,6 +231,7 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
         if image_size is not None and kwargs.get("size") is None:
             kwargs["size"] = {"longest_edge": image_size}
         super().__init__(**kwargs)
+        canvas_side(self.size)
 
     @property
     def image_size(self):
@@ -374,16 +412,26 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
 
 
 def canvas_side(size):
-    """The side of the square canvas that a `size` setting describes; raises for a size that is no square canvas."""
+    """
+    The side of the square canvas that a `size` setting describes. Raises for a size that is no square canvas, and
+    for a side that is not an integer from 1 to `MAX_CANVAS_SIDE` (before anything is allocated for it).
+    """
     size = dict(size)
     if set(size) == {"longest_edge"}:
-        return size["longest_edge"]
-    if set(size) == {"max_height", "max_width"} and size["max_height"] == size["max_width"]:
-        return size["max_height"]
-    raise ValueError(
-        f"Pix2Seq resizes the longest side onto a square canvas: `size` must be {{'longest_edge': S}} or "
-        f"{{'max_height': S, 'max_width': S}}, got {size}."
-    )
+        side = size["longest_edge"]
+    elif set(size) == {"max_height", "max_width"} and size["max_height"] == size["max_width"]:
+        side = size["max_height"]
+    else:
+        raise ValueError(
+            f"Pix2Seq resizes the longest side onto a square canvas: `size` must be {{'longest_edge': S}} or "
+            f"{{'max_height': S, 'max_width': S}}, got {size}."
+        )
+    if not (isinstance(side, int) and not isinstance(side, bool) and 1 <= side <= MAX_CANVAS_SIDE):
+        raise ValueError(
+            f"size={size}: the canvas side must be an integer from 1 to {MAX_CANVAS_SIDE} (the released models use "
+            f"640 to 1333), got {side!r}."
+        )
+    return side
 
 
 def coco_detection_target(annotation, height, width):

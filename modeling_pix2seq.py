@@ -23,11 +23,14 @@ from transformers.utils import ModelOutput
 
 # Relative imports let `save_pretrained` copy these files into a model folder for `trust_remote_code`; the fallback
 # lets scripts and tests import the modules from the repository root.
+# The pipeline module is imported only so that `save_pretrained` copies it beside the model (`custom_pipelines`).
 try:
     from .configuration_pix2seq import Pix2SeqConfig
+    from .pipeline_pix2seq import Pix2SeqObjectDetectionPipeline  # noqa: F401
     from .tokenization_pix2seq import Pix2SeqTokenizer
 except ImportError:
     from configuration_pix2seq import Pix2SeqConfig
+    from pipeline_pix2seq import Pix2SeqObjectDetectionPipeline  # noqa: F401
     from tokenization_pix2seq import Pix2SeqTokenizer
 
 
@@ -212,7 +215,12 @@ class Pix2SeqPreTrainedModel(PreTrainedModel):
         # Weights load only from safetensors: transformers otherwise falls back to unpickling `pytorch_model.bin`.
         if use_safetensors is False:
             raise ValueError("Pix2Seq loads weights only from safetensors; `use_safetensors=False` is not supported.")
-        return super().from_pretrained(*args, use_safetensors=True, **kwargs)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, use_safetensors=True, output_loading_info=True, **kwargs)
+        check_no_missing_weights(model, loading_info, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        if model.can_generate():
+            check_generation_length(model.generation_config, model.config)
+        return (model, loading_info) if output_loading_info else model
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -235,6 +243,21 @@ class Pix2SeqPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+
+
+def check_no_missing_weights(model, loading_info, source):
+    """
+    Raises `OSError` naming the weights that a folder saved by this very class lacks (tied weights, stored once,
+    excepted): transformers would leave them randomly initialised with only a load report to say so. A head loaded
+    over a folder of another class (e.g. `Pix2SeqModel`) is new by design and keeps transformers' behaviour.
+    """
+    missing = sorted(set(loading_info["missing_keys"]) - set(getattr(model, "all_tied_weights_keys", None) or {}))
+    if missing and type(model).__name__ in (model.config.architectures or [type(model).__name__]):
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise OSError(
+            f"{source} is missing {len(missing)} weight(s) of {type(model).__name__}: {shown}. The folder is "
+            "incomplete or its weights file was damaged; save or convert the model again."
+        )
 
 
 class Pix2SeqBackbone(Pix2SeqPreTrainedModel):
@@ -514,6 +537,31 @@ class Pix2SeqTopPLogitsWarper(LogitsProcessor):
         return scores.masked_fill(remove.scatter(-1, sorted_index, remove), -float("inf"))
 
 
+def check_generation_length(generation_config, config):
+    """
+    Raises `ValueError`, before anything is allocated, when `generate()` would write more tokens than the decoder has
+    positions (`max_position_embeddings`): it would fail deep inside at the position table, after allocating a cache
+    for all of them.
+    """
+    if generation_config.max_new_tokens is not None:
+        setting, new_tokens = "max_new_tokens", generation_config.max_new_tokens
+    elif generation_config.max_length is None:
+        return
+    else:
+        # One decoder input (the task token) before the new tokens.
+        setting, new_tokens = "max_length", generation_config.max_length - 1
+    value = getattr(generation_config, setting)
+    if not isinstance(value, int) or isinstance(value, bool) or new_tokens < 1:
+        raise ValueError(f"{setting}={value!r} (the generation config or the call) must be a positive integer.")
+    if new_tokens > config.max_position_embeddings:
+        raise ValueError(
+            f"{setting}={value} (the generation config or the call) asks for {new_tokens} new tokens, more than the "
+            f"decoder's max_position_embeddings={config.max_position_embeddings}. Set max_new_tokens to at most "
+            f"{config.max_position_embeddings}; this model writes {config.sequence_length} (5 tokens per object, "
+            f"max_instances={config.max_instances})."
+        )
+
+
 class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
     r"""
     Pix2Seq with its language-model head: trains on token sequences, detects by generating them.
@@ -657,6 +705,7 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
             generation_config if generation_config is not None else self.generation_config
         )
         kwargs = generation_config.update(**kwargs)
+        check_generation_length(generation_config, self.config)
         if use_grammar is None:
             use_grammar = getattr(generation_config, "use_grammar", True)
         if self._can_generate_static(generation_config, logits_processor, kwargs):

@@ -26,8 +26,10 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import datasets
@@ -47,6 +49,7 @@ from transformers import (
     set_seed,
 )
 from transformers.modelcard import TrainingSummary
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import SchedulerType
 
 from configuration_pix2seq import Pix2SeqConfig
@@ -65,7 +68,18 @@ from detection_data import (
 )
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection
-from training_safety import NonFiniteLossCallback, OutputDirLock, check_output_dir, resolve_resume
+from training_safety import (
+    NonFiniteLossCallback,
+    OutputDirLock,
+    check_output_dir,
+    checkpoint_step,
+    finish_interrupted_save,
+    irregular_file_problem,
+    named_write_errors,
+    resolve_resume,
+    resume_config_changes,
+    staged_save,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -342,11 +356,47 @@ class DetectionTrainer(Trainer):
         self.last_predictions = None
 
     def save_model(self, output_dir=None, _internal_call=False):
-        super().save_model(output_dir, _internal_call)
+        """
+        Saves as the Trainer does, with a model card. The final save (into `args.output_dir`) is atomic: it is written
+        beside and moved in once whole (`training_safety.staged_save`), so a kill never leaves a truncated file in the
+        folder users load. A file-system failure (e.g. a full disk) raises one error naming the folder and the cause.
+        """
+        final = output_dir is None or os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir)
+        output_dir = output_dir or self.args.output_dir
+        with named_write_errors(output_dir, self.args.output_dir):
+            if not final:
+                super().save_model(output_dir, _internal_call)
+                self._write_model_card(output_dir)
+                return
+            with staged_save(output_dir, writer=self.args.should_save) as staging:
+                super().save_model(str(staging), _internal_call=True)
+                self._write_model_card(staging)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _write_model_card(self, folder):
         if self.is_world_process_zero():
             card = TrainingSummary.from_trainer(self, **self.model_card_kwargs).to_model_card()
-            with open(os.path.join(output_dir or self.args.output_dir, "README.md"), "w", encoding="utf-8") as file:
+            with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as file:
                 file.write(card)
+
+    def _save_checkpoint(self, model, trial):
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        with named_write_errors(folder, self.args.output_dir):
+            super()._save_checkpoint(model, trial)
+
+    def save_state(self):
+        """`trainer_state.json` of the output folder, written beside and renamed into place."""
+        if self.args.should_save:
+            path = os.path.join(self.args.output_dir, "trainer_state.json")
+            with named_write_errors(self.args.output_dir, self.args.output_dir):
+                self.state.save_to_json(path + ".tmp")
+                os.replace(path + ".tmp", path)
+
+    def finish_from_checkpoint(self, checkpoint):
+        """The final model and state of a run whose last checkpoint is at `max_steps`, without training."""
+        self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
 
     def _issue_warnings_after_load(self, load_result):
         # A checkpoint stores a tied weight once (lm_head.weight is the token embedding): its absence is expected.
@@ -563,6 +613,10 @@ def build_model(model_args, data_args, label_map, max_instances, train=True):
         config_class, model_class = AutoConfig, AutoModelForObjectDetection
         hub_kwargs = {**hub_kwargs, "trust_remote_code": True}
     config_source = model_args.config_name or model_args.model_name_or_path
+    for source in (config_source, model_args.model_name_or_path):
+        problem = irregular_file_problem(source) if source and os.path.isdir(source) else None
+        if problem:
+            raise ValueError(f"Cannot load {source}: {problem} (a FIFO or device could block the read forever).")
     if config_source:
         config = config_class.from_pretrained(config_source, **hub_kwargs, **(labels if train else {}))
         if not train and list(config.id2label.values()) != label_map.names:
@@ -706,6 +760,10 @@ def main(argv=None):
     # Only the first process writes results and models, so only it holds the folder.
     lock = OutputDirLock(training_args.output_dir) if training_args.process_index == 0 else contextlib.nullcontext()
     with lock:
+        if training_args.process_index == 0:
+            done = finish_interrupted_save(training_args.output_dir)
+            if done:
+                logger.warning("%s: %s.", training_args.output_dir, done)
         resume = None
         if do_train:
             resume = resolve_resume(
@@ -713,6 +771,7 @@ def main(argv=None):
                 training_args.output_dir,
                 training_args.max_steps,
                 require_optimizer=not training_args.save_only_model,
+                final_save=True,
             )
             check_output_dir(
                 training_args.output_dir, resuming=resume is not None, overwrite=training_args.overwrite_output_dir
@@ -729,6 +788,15 @@ def run(model_args, data_args, training_args, resume, scales):
     # A new model writes as many objects as the densest training image holds (at most the official 100).
     max_instances = min(100, train_split.max_objects or 100) if train_split else 100
     model = build_model(model_args, data_args, label_map, max_instances, train=do_train)
+    if resume:
+        changes = resume_config_changes(resume, model.config)
+        if changes:
+            raise ValueError(
+                f"Cannot resume from {resume}: this run changes settings the checkpoint was trained with "
+                f"(checkpoint -> this run: {'; '.join(changes)}). The tokens and layers it learnt would change "
+                "meaning. Resume with the checkpoint's settings (drop the --config_overrides or --image_square_size "
+                f"that change them), or start a new run from its weights: --model_name_or_path {resume}."
+            )
     attn_implementation = model_args.attn_implementation
     if attn_implementation is None and data_args.uses_synthetic_data and not torch.cuda.is_available():
         attn_implementation = "eager"
@@ -771,7 +839,12 @@ def run(model_args, data_args, training_args, resume, scales):
         model_card_kwargs=model_card_kwargs,
     )
 
-    if do_train:
+    if do_train and resume and 0 < training_args.max_steps <= checkpoint_step(resume):
+        # `resolve_resume` allows this only for a run stopped during its final save: the checkpoint is the model.
+        trainer.finish_from_checkpoint(resume)
+        trainer.save_model()
+        trainer.save_state()
+    elif do_train:
         result = trainer.train(resume_from_checkpoint=resume)
         trainer.save_model()
         trainer.log_metrics("train", result.metrics)
@@ -816,5 +889,29 @@ def epochs_to_steps(data_args, training_args, split):
     return max(1, math.ceil(split.num_examples * training_args.num_train_epochs / examples_per_step))
 
 
+def cli():
+    """
+    `main` for the command line: an error ends the run with one message on stderr and exit status 1 (and the
+    traceback with `--log_level debug`), and SIGTERM ends it as Ctrl-C does, releasing the output folder's lock.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    name = os.path.basename(sys.argv[0])
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        argv = sys.argv[1:]
+        level = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--log_level=")), None)
+        if "--log_level" in argv:
+            level = (argv[argv.index("--log_level") + 1 :] or [None])[0]
+        if level == "debug":
+            traceback.print_exc()
+        print(f"{name}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -21,6 +21,7 @@ REMOTE_CODE_FILES = [
     "image_processing_pix2seq.py",
     "tokenization_pix2seq.py",
     "tokenization_pix2seq_multitask.py",
+    "pipeline_pix2seq.py",
 ]
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 

@@ -1,5 +1,8 @@
 """Helpers shared by the test modules: tiny configurations and the location of `../shared` data."""
 
+import contextlib
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -75,3 +78,29 @@ class Pix2SeqModelTester:
         batch = model.tokenizer.build_training_batch(self.prepare_targets(), torch.Generator().manual_seed(0))
         batch["pixel_values"] = self.prepare_pixel_values(model.config)
         return batch
+
+
+@contextlib.contextmanager
+def unblocked_after(fifo, seconds=10.0):
+    """
+    Opens the write end of `fifo` once `seconds` have passed and a reader waits on it, so that code blocked reading
+    it (the behaviour under test) returns instead of hanging the test run.
+    """
+    stop = threading.Event()
+
+    def unblock():
+        if stop.wait(seconds):
+            return
+        while not stop.is_set():
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader yet
+                stop.wait(0.05)
+
+    thread = threading.Thread(target=unblock, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
