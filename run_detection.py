@@ -50,7 +50,9 @@ from transformers.modelcard import TrainingSummary
 from transformers.trainer_utils import SchedulerType
 
 from configuration_pix2seq import Pix2SeqConfig
-from detection_data import (
+from image_processing_pix2seq import Pix2SeqImageProcessor
+from modeling_pix2seq import Pix2SeqForObjectDetection
+from training.detection_data import (
     EvalCollator,
     ImageReader,
     NoTrainingDataError,
@@ -63,14 +65,12 @@ from detection_data import (
     synthetic_split,
     train_stream,
 )
-from image_processing_pix2seq import Pix2SeqImageProcessor
-from modeling_pix2seq import Pix2SeqForObjectDetection
-from training_safety import NonFiniteLossCallback, OutputDirLock, check_output_dir, resolve_resume
+from training.training_safety import NonFiniteLossCallback, OutputDirLock, check_output_dir, resolve_resume
 
 
 logger = logging.getLogger(__name__)
 
-COCO_MAP_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "coco_map")
+COCO_MAP_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluation", "coco_map")
 
 # A model small enough to learn the synthetic demo on a 2-core CPU: 96 px, a ResNet-18 cut at stride 16, one encoder
 # and two decoder layers, EOS mode. What made it learn faster on this CPU (benchmarks/RESULTS.md has the runs): no
@@ -171,7 +171,7 @@ class DataTrainingArguments:
     )
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "A parquet detection data set (Hub id or folder); schemas in detection_data.py."},
+        metadata={"help": "A parquet detection data set (Hub id or folder); schemas in training/detection_data.py."},
     )
     dataset_config_name: str | None = field(default=None)
     train_split: str = field(default="train")

@@ -22,8 +22,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor  # noqa: E402
 
 import run_detection  # noqa: E402
-from detection_data import EvalCollator, ImageReader, TrainAugmentation, TrainTransform, coco_split, train_stream  # noqa: E402
 from image_processing_pix2seq import Pix2SeqImageProcessor  # noqa: E402
+from training.detection_data import (  # noqa: E402
+    EvalCollator,
+    ImageReader,
+    TrainAugmentation,
+    TrainTransform,
+    coco_split,
+    train_stream,
+)
 
 
 def machine(device):

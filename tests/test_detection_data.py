@@ -9,7 +9,9 @@ import PIL.Image
 import pytest
 import torch
 
-from detection_data import (
+from image_processing_pix2seq import Pix2SeqImageProcessor
+from tokenization_pix2seq import Pix2SeqTokenizer
+from training.detection_data import (
     ImageReader,
     TrainAugmentation,
     TrainTransform,
@@ -23,9 +25,7 @@ from detection_data import (
     synthetic_split,
     train_stream,
 )
-from image_processing_pix2seq import Pix2SeqImageProcessor
-from synthetic_shapes import EVAL_INDEX_OFFSET, draw_example
-from tokenization_pix2seq import Pix2SeqTokenizer
+from training.synthetic_shapes import EVAL_INDEX_OFFSET, draw_example
 
 
 def write_coco(folder, images, annotations, categories=None):
@@ -371,7 +371,7 @@ def test_a_100_megapixel_jpeg_is_read_for_training_and_evaluation_within_1_5_gb(
     path = tmp_path / "huge.jpg"
     PIL.Image.new("RGB", (10000, 10000), (120, 60, 30)).save(path, quality=90)
     script = (
-        "import resource, sys; from detection_data import ImageReader; reader = ImageReader(); "
+        "import resource, sys; from training.detection_data import ImageReader; reader = ImageReader(); "
         f"value = {{'path': {str(path)!r}, 'bytes': None}}; "
         "train = reader.read(value, max_size=1280); evaluation = reader.read(value, max_size=640); "
         "assert train[1] == evaluation[1] == (10000, 10000), (train[1], evaluation[1]); "

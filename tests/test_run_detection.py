@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import run_detection
-from coco_map.coco_map import coco_metrics
-from detection_data import TrainTransform, synthetic_split
+from evaluation.coco_map.coco_map import coco_metrics
 from tests.test_detection_data import write_coco
+from training.detection_data import TrainTransform, synthetic_split
 
 
 TINY_MODEL = (
@@ -69,7 +69,7 @@ def test_streamed_trainer_run_saves_a_servable_model_and_reports_coco_map(tmp_pa
     from transformers import pipeline
 
     detector = pipeline("object-detection", model=str(tmp_path), trust_remote_code=True)
-    from synthetic_shapes import draw_example
+    from training.synthetic_shapes import draw_example
 
     detections = detector(draw_example(0)[0], threshold=0.0)
     assert all(d["label"] in {"circle", "rectangle", "triangle", "ring"} for d in detections)

@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_pix2seq import Pix2SeqForObjectDetection
-from training_safety import (
+from training.training_safety import (
     LOCK_FILE_NAME,
     NonFiniteLossCallback,
     NonFiniteLossError,

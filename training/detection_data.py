@@ -34,7 +34,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from image_processing_pix2seq import to_rgb_tensor
-from synthetic_shapes import EVAL_INDEX_OFFSET, MAX_OBJECTS, SHAPE_CLASSES, draw_example
+from training.synthetic_shapes import EVAL_INDEX_OFFSET, MAX_OBJECTS, SHAPE_CLASSES, draw_example
 
 
 logger = logging.getLogger(__name__)
