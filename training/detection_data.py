@@ -587,46 +587,40 @@ class TrainAugmentation:
 class TrainTransform:
     """
     Record batch -> model inputs, for `IterableDataset.map(batched=True)`: decode and augment each image, then the
-    image processor puts the crop on its canvas (padding, normalisation, boxes as the model's targets) exactly as it
-    does for `model(**processor(images, annotations=...))`, without resizing (the augmentation scaled the image).
-    `targets(label)` turns the processor's per-image label into training targets: for Pix2Seq the tokenizer's
-    `encode_target`, so that workers build the token sequences. Unreadable records are left out of the batch.
+    image processor puts the crops on its canvas (padding, normalisation) without resizing them (the augmentation
+    scaled them) and turns their boxes into token targets with the official sequence augmentation, the same code as
+    `model(**processor(images, annotations=...))`. Unreadable records are left out of the batch.
+
+    A box is converted once at each boundary: the record's COCO `[x, y, w, h]` pixels become `(x_min, y_min, x_max,
+    y_max)` pixels here, which the augmentation and the processor keep until the codec writes tokens.
     """
 
-    def __init__(self, image_processor, targets, augmentation, reader):
+    def __init__(self, image_processor, augmentation, reader):
         self.image_processor = image_processor
-        self.targets = targets
         self.augmentation = augmentation
         self.reader = reader
 
     def __call__(self, batch):
-        outputs = {"pixel_values": []}
-        for image_id, value, objects in zip(batch["image_id"], batch["image"], batch["objects"]):
+        crops, objects = [], []
+        for value, record_objects in zip(batch["image"], batch["objects"]):
             read = self.reader.read(value, self.augmentation.max_image_size)
             if read is None:
                 continue
             image, (height, width) = read
-            xywh = torch.tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
-            boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+            xywh = torch.tensor(record_objects["bbox"], dtype=torch.float32).reshape(-1, 4)
             # A large image is decoded smaller: its boxes follow.
-            boxes = boxes * torch.tensor([image.shape[-1] / width, image.shape[-2] / height] * 2)
-            labels = torch.tensor(objects["category"], dtype=torch.long)
+            scale = torch.tensor([image.shape[-1] / width, image.shape[-2] / height] * 2)
+            boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1) * scale
+            labels = torch.tensor(record_objects["category"], dtype=torch.long)
             crop, boxes, labels = self.augmentation(image, boxes, labels)
-            annotation = {
-                "image_id": image_id,
-                "annotations": [
-                    {"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": label}
-                    for (x0, y0, x1, y1), label in zip(boxes.tolist(), labels.tolist())
-                ],
-            }
-            # The reader's pixels are in [0, 1] already.
-            processed = self.image_processor(
-                crop, annotations=annotation, do_resize=False, do_rescale=False, return_tensors="pt"
-            )
-            outputs["pixel_values"].append(processed["pixel_values"][0])
-            for key, value in self.targets(processed["labels"][0]).items():
-                outputs.setdefault(key, []).append(value)
-        return outputs
+            crops.append(crop)
+            objects.append((boxes, labels))
+        if not crops:
+            return {"pixel_values": [], "labels": [], "decoder_input_ids": [], "token_weights": []}
+        # The reader's pixels are in [0, 1] already.
+        pixel_values = self.image_processor(crops, do_resize=False, do_rescale=False, return_tensors="pt")
+        targets = self.image_processor.encode_objects(objects, do_sequence_augmentation=True)
+        return {"pixel_values": list(pixel_values["pixel_values"]), **{key: list(v) for key, v in targets.items()}}
 
 
 def train_stream(split, transform, seed=0, shuffle_buffer_size=1000, batch_size=16):
