@@ -142,7 +142,8 @@ class Pix2SeqTokenizer:
         else:
             targets = object_tokens
             weights = torch.cat([real_weights, noise_weights])
-            inputs = torch.cat([torch.tensor([self.task_token_id]), input_tokens[:-1]])
+            # The last target of a full sequence is never an input.
+            inputs = torch.cat([torch.tensor([self.task_token_id]), input_tokens])[: self.sequence_length]
         padding = self.sequence_length - len(targets)
         return {
             "decoder_input_ids": torch.nn.functional.pad(

@@ -8,6 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from testing_utils import write_coco
 
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from tokenization_pix2seq import Pix2SeqTokenizer
@@ -26,21 +27,6 @@ from training.detection_data import (
     train_stream,
 )
 from training.synthetic_shapes import EVAL_INDEX_OFFSET, draw_example
-
-
-def write_coco(folder, images, annotations, categories=None):
-    """A COCO folder: `images` maps an id to (width, height); every image is a real PNG."""
-    (folder / "images").mkdir(exist_ok=True)
-    for image_id, (width, height) in images.items():
-        PIL.Image.new("RGB", (width, height), (90, 120, 150)).save(folder / "images" / f"{image_id}.png")
-    coco = {
-        "images": [{"id": i, "file_name": f"{i}.png", "width": w, "height": h} for i, (w, h) in images.items()],
-        "annotations": [{"id": n + 1, **a} for n, a in enumerate(annotations)],
-        "categories": categories or [{"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}],
-    }
-    path = folder / "instances.json"
-    path.write_text(json.dumps(coco))
-    return folder / "images", path
 
 
 def test_malformed_json_error_names_file_and_position(tmp_path):
