@@ -10,8 +10,9 @@ from testing_utils import TF_FIXTURES_DIR, require_shared
 from torch import nn
 
 from convert_pix2seq_tf_checkpoint import COCO_CATEGORY_NAMES, config_from_official, load_checkpoint_into
+from generation_pix2seq import Pix2SeqTopPLogitsWarper
 from image_processing_pix2seq import Pix2SeqImageProcessor
-from modeling_pix2seq import Pix2SeqForObjectDetection, Pix2SeqTopPLogitsWarper
+from modeling_pix2seq import Pix2SeqForObjectDetection
 from tf_checkpoint_reader import TFCheckpointReader
 
 

@@ -20,6 +20,7 @@ REMOTE_CODE_FILES = [
     "modeling_pix2seq.py",
     "image_processing_pix2seq.py",
     "tokenization_pix2seq.py",
+    "generation_pix2seq.py",
 ]
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 

@@ -615,6 +615,10 @@ class TrainTransform:
             crop, boxes, labels = self.augmentation(image, boxes, labels)
             crops.append(crop)
             objects.append((boxes, labels))
+        return self.model_inputs(crops, objects)
+
+    def model_inputs(self, crops, objects):
+        """Crops and their `(boxes, labels)` -> per-example `pixel_values` and token targets (lists of tensors)."""
         if not crops:
             return {"pixel_values": [], "labels": [], "decoder_input_ids": [], "token_weights": []}
         # The reader's pixels are in [0, 1] already.
