@@ -5,6 +5,7 @@ the box <-> token codec (`tokenization_pix2seq.py`); generated tokens become box
 pixels (`post_process_object_detection`).
 """
 
+import io
 import os
 
 import PIL.Image
@@ -41,24 +42,89 @@ class InvalidImageError(ValueError):
     """An image file that cannot be decoded, or an image with an empty side."""
 
 
-def load_image(path):
+# EXIF orientations that turn the stored image by 90 degrees, so that the upright image swaps width and height.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+# PIL reports bad data as OSError (truncated, unidentified), SyntaxError (broken PNG chunks), ValueError or EOFError
+# depending on the decoder, and a decompression bomb as its own error class.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError)
+
+
+def header_orientation(image):
     """
-    Opens and fully decodes an image file, so that a truncated, corrupt or non-image file fails here, with an
-    `InvalidImageError` naming the file, rather than later inside a batch. Orientation and mode are left to
-    `to_rgb_tensor`.
+    The EXIF orientation stored in an opened image's header (`None` if none). `getexif()` would decode a whole PNG
+    to look for an EXIF chunk after the pixels; the header's EXIF (JPEG, WebP, PNG before the pixels) is enough.
+    """
+    if not image.info.get("exif"):
+        return None
+    exif = PIL.Image.Exif()
+    exif.load(image.info["exif"])
+    return exif.get(0x0112)
+
+
+def _upright_size(image):
+    """`(width, height)` of an opened image once turned upright by its EXIF orientation, from its header."""
+    width, height = image.size
+    return (height, width) if header_orientation(image) in _TRANSPOSING_ORIENTATIONS else (width, height)
+
+
+def image_file_size(path):
+    """
+    `(width, height)` of the image file at `path` as it is read (upright), from its header without decoding the
+    pixels; `None` when the file is missing or not an image.
     """
     try:
         with PIL.Image.open(path) as image:
-            image.load()
-            return image
-    # PIL reports bad data as OSError (truncated, unidentified), SyntaxError (broken PNG chunks), ValueError or
-    # EOFError depending on the decoder, and a decompression bomb as its own error class.
-    except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
-        raise InvalidImageError(f"Cannot read image file {path}: {error}") from error
+            return _upright_size(image)
+    except _DECODE_ERRORS:
+        return None
+
+
+def read_image(source, max_size=None):
+    """
+    The one image reader: an image file (a path, or its bytes) -> `(image, original_size)`, the upright `(3, H, W)`
+    float tensor in [0, 1] (see `to_rgb_tensor`) and the `(height, width)` of the upright image at full size, which
+    coordinates in original pixels refer to. The image is fully decoded here, so that a truncated, corrupt or
+    non-image file fails with an `InvalidImageError` naming the file rather than later inside a batch.
+
+    With `max_size`, a larger image is decoded with its longest side at most `max_size` (aspect ratio kept): a JPEG
+    through its decoder's draft mode (the DCT scales down by 2, 4 or 8 while decoding), any image resized in 8 bits,
+    so that the float tensor (4 bytes a value) is made only at the reduced size. A 100-megapixel JPEG then peaks near
+    the memory of a normal image.
+    """
+    name = "<image bytes>" if isinstance(source, bytes) else source
+    try:
+        with PIL.Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            width, height = _upright_size(image)
+            if max_size is not None and max(width, height) > max_size:
+                image = _decode_reduced(image, max_size / max(width, height))
+            else:
+                image.load()
+            return to_rgb_tensor(image), (height, width)
+    except _DECODE_ERRORS as error:
+        raise InvalidImageError(f"Cannot read image file {name}: {error}") from error
+
+
+def _decode_reduced(image, scale):
+    """`image` decoded and resized by `scale`, keeping only its EXIF orientation (which `to_rgb_tensor` applies)."""
+    orientation = header_orientation(image)
+    target = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    # `draft` picks the smallest DCT scale that still covers the requested size (JPEG only; others ignore it).
+    image.draft("RGB", target)
+    image.load()
+    # `to_rgb_tensor` reads these modes as more than 8 bits; resizing them keeps their values.
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+        image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
+    image = image.resize(target, PIL.Image.Resampling.BILINEAR, reducing_gap=2.0)
+    if orientation not in (None, 1):
+        exif = PIL.Image.Exif()
+        exif[0x0112] = orientation
+        image.info["exif"] = exif.tobytes()
+    return image
 
 
 def _pil_to_tensor(image):
     """An upright `(C, H, W)` tensor of a PIL image: RGB, or one channel for 16/32-bit and float grayscale."""
+    # The one place where EXIF orientation is applied.
     image = PIL.ImageOps.exif_transpose(image)
     # `convert("RGB")` would clip these to 8 bits; their dtype tells `to_rgb_tensor` how to scale them.
     if image.mode.startswith("I;16"):
@@ -278,7 +344,7 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             images = list(images)
         else:
             images = [images]
-        return [load_image(image) if isinstance(image, (str, os.PathLike)) else image for image in images]
+        return [read_image(image)[0] if isinstance(image, (str, os.PathLike)) else image for image in images]
 
     def process_image(self, image, do_rescale=None, rescale_factor=None, device=None, **kwargs):
         """One image of any supported kind -> `(3, H, W)` float tensor, rescaled to [0, 1] with `do_rescale`."""
@@ -473,4 +539,4 @@ def coco_detection_objects(annotation, height, width):
 
 Pix2SeqImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = ["InvalidImageError", "Pix2SeqImageProcessor", "load_image", "to_rgb_tensor"]
+__all__ = ["InvalidImageError", "Pix2SeqImageProcessor", "image_file_size", "read_image", "to_rgb_tensor"]

@@ -271,7 +271,9 @@ class Pix2SeqBackbone(Pix2SeqPreTrainedModel):
         elif config.image_size % self.stride:
             raise ValueError(
                 f"image_size={config.image_size} is not divisible by the stride {self.stride} of backbone "
-                f"{config.backbone!r}."
+                f"{config.backbone!r}: use a multiple of {self.stride}, e.g. "
+                f"{config.image_size // self.stride * self.stride or self.stride}, or set backbone_tf_padding=True "
+                "for TensorFlow's grid of ceil(image_size / stride)."
             )
         self.post_init()
 

@@ -14,7 +14,6 @@ exports of `detection-datasets/coco` write it: `bbox_format="auto"` checks the b
 time) and `category` (a `ClassLabel`, whose names become `id2label`), optionally `iscrowd`/`is_crowd`.
 """
 
-import io
 import json
 import logging
 import math
@@ -25,15 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import datasets
-import PIL.Image
-import PIL.ImageOps
 import torch
 from datasets import ClassLabel, Features, Image, IterableDataset, List, Value
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from image_processing_pix2seq import to_rgb_tensor
+from image_processing_pix2seq import InvalidImageError, image_file_size, read_image
 from training.synthetic_shapes import EVAL_INDEX_OFFSET, MAX_OBJECTS, SHAPE_CLASSES, draw_example
 
 
@@ -188,37 +185,6 @@ def _stream(generate, num_shards, **kwargs):
 def _coco_records(shards, num_shards, records):
     for shard in shards:
         yield from records[shard::num_shards]
-
-
-# EXIF orientations that turn the stored image by 90 degrees, so that the upright image swaps width and height.
-_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
-
-
-def header_orientation(image):
-    """
-    The EXIF orientation stored in an opened image's header (`None` if none). `getexif()` would decode a whole PNG
-    to look for an EXIF chunk after the pixels; the header's EXIF (JPEG, WebP, PNG before the pixels) is enough.
-    """
-    if not image.info.get("exif"):
-        return None
-    exif = PIL.Image.Exif()
-    exif.load(image.info["exif"])
-    return exif.get(0x0112)
-
-
-def image_file_size(path):
-    """
-    `(width, height)` of the image file at `path` as it is trained on (upright by its EXIF orientation), read from
-    the header without decoding the pixels; `None` when the file is missing or not an image.
-    """
-    try:
-        with PIL.Image.open(path) as image:
-            width, height = image.size
-            if header_orientation(image) in _TRANSPOSING_ORIENTATIONS:
-                width, height = height, width
-            return width, height
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError):
-        return None
 
 
 class NoTrainingDataError(ValueError):
@@ -474,12 +440,9 @@ def hub_split(
 
 class ImageReader:
     """
-    Decodes the `image` value of a record to a `(3, H, W)` float tensor. An unreadable image (missing, truncated, not
-    an image) is skipped with a warning and counted, or, with `fail_on_bad_records`, raises naming the file.
-
-    `read(value, max_size)` decodes a large image at reduced size: a JPEG through its decoder's draft mode (the DCT
-    scales down by 2, 4 or 8 while decoding), any image resized in 8 bits, so that the float tensor (4 bytes a value)
-    is made only at the reduced size. A 100-megapixel JPEG then peaks near the memory of a normal image.
+    `read_image` (the image processor's one image reader) over the `image` value of a record, with the training
+    run's policy for bad files: an unreadable image (missing, truncated, not an image) is skipped with a warning and
+    counted, or, with `fail_on_bad_records`, raises naming the file.
     """
 
     def __init__(self, fail_on_bad_records=False):
@@ -491,54 +454,20 @@ class ImageReader:
         return None if read is None else read[0]
 
     def read(self, value, max_size=None):
-        """
-        `(image, original_size)`: the upright `(3, H, W)` tensor, its longest side at most `max_size` (the aspect
-        ratio kept) when `max_size` is given, and the `(height, width)` of the upright image at full size, which
-        coordinates in original pixels refer to. `None` for a skipped image.
-        """
-        name = value.get("path") or "<image bytes>"
+        """`read_image` of a record's `{"path", "bytes"}` value: `(image, original_size)`, or `None` if skipped."""
         try:
-            with PIL.Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]) as image:
-                return self._decode(image, max_size)
-        except Exception as error:  # PIL raises OSError, ValueError, SyntaxError... for bad files
+            return read_image(value.get("bytes") or value["path"], max_size)
+        except InvalidImageError as error:
             if self.fail_on_bad_records:
-                raise ValueError(f"Cannot read image {name}: {error}") from error
+                raise ValueError(f"Cannot read image {value.get('path') or '<image bytes>'}: {error}") from error
             self.num_skipped += 1
             logger.warning(
-                "Skipped unreadable image %s (%s); %d skipped so far in this process.", name, error, self.num_skipped
+                "Skipped unreadable image %s (%s); %d skipped so far in this process.",
+                value.get("path") or "<image bytes>",
+                error,
+                self.num_skipped,
             )
             return None
-
-    @staticmethod
-    def _decode(image, max_size):
-        width, height = image.size
-        orientation = header_orientation(image)
-        if orientation in _TRANSPOSING_ORIENTATIONS:
-            width, height = height, width
-        if max_size is not None and max(width, height) > max_size:
-            scale = max_size / max(width, height)
-            target = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
-            # `draft` picks the smallest DCT scale that still covers the requested size (JPEG only; others ignore it).
-            image.draft("RGB", target)
-            image.load()
-            # `to_rgb_tensor` reads these modes as more than 8 bits; resizing them keeps their values.
-            if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
-                image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
-            image = image.resize(target, PIL.Image.Resampling.BILINEAR, reducing_gap=2.0)
-            image = PIL.ImageOps.exif_transpose(_with_orientation(image, orientation))
-        else:
-            image.load()
-        return to_rgb_tensor(image), (height, width)
-
-
-def _with_orientation(image, orientation):
-    """`image` carrying only the EXIF `orientation` (so `exif_transpose` turns it upright exactly once)."""
-    image.info.pop("exif", None)
-    if orientation not in (None, 1):
-        exif = PIL.Image.Exif()
-        exif[0x0112] = orientation
-        image.info["exif"] = exif.tobytes()
-    return image
 
 
 class TrainAugmentation:
