@@ -540,7 +540,7 @@ def convert(checkpoint_dir, output_dir, checkpoint=None, labels_file=None):
     model = load_checkpoint_into(Pix2SeqForObjectDetection(config), TFCheckpointReader(prefix)).eval()
     set_official_decoding(model, official_settings(official_config)[1])
     model.save_pretrained(output_dir)
-    processor = Pix2SeqImageProcessor(size={"longest_edge": config.image_size}, pad_value=0.3, do_normalize=False)
+    processor = Pix2SeqImageProcessor.from_model_config(config, pad_value=0.3, do_normalize=False)
     processor.save_pretrained(output_dir)
     source = f"{checkpoint_dir.resolve().name}/{prefix.name}"
     card = model_card(source, released_family(official_config), official_config, config)
