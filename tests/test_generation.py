@@ -31,6 +31,7 @@ def test_the_fitted_model_writes_varied_tokens(model, pixel_values):
     objects = tokens.reshape(2, -1, 5)
     assert objects[..., :4].unique().numel() >= 6
     assert objects[..., 4].unique().numel() >= 2
+    assert not torch.equal(tokens[0], tokens[1])
 
 
 def test_greedy_generation_is_the_same_with_dynamic_cache_without_cache_and_with_static_cache(model, pixel_values):

@@ -103,6 +103,11 @@ def _trained_tiny_model(steps, overrides):
         (torch.tensor([[0.6, 0.5, 0.8, 0.95]]) * side, torch.tensor([1])),
     ]
     batch.update(processor.encode_objects(objects, do_sequence_augmentation=False))
+    # Images bright on the left and on the right half, which a few steps suffice to tell apart.
+    pixel_values = batch["pixel_values"] * 0.2
+    pixel_values[0, :, :, : side // 2] += 0.8
+    pixel_values[1, :, :, side // 2 :] += 0.8
+    batch["pixel_values"] = pixel_values
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
@@ -112,7 +117,7 @@ def _trained_tiny_model(steps, overrides):
     return model.eval(), batch
 
 
-def trained_tiny_model(steps=40, **overrides):
+def trained_tiny_model(steps=80, **overrides):
     """
     A tiny model fitted for `steps` AdamW steps to the token targets of two images (a copy, in `eval()` mode), and
     that batch. Greedy decoding of an untrained model repeats one token, which hides cache and batching bugs; this
