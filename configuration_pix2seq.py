@@ -1,34 +1,15 @@
-"""Pix2Seq model configuration."""
+"""
+The Pix2Seq configuration: the architecture, the token vocabulary layout, the training sequence settings and the
+canvas side. It validates its values as they are set (no model is built: the backbone's stride is checked when the
+model is), and documents every argument.
+"""
 
 import copy
 
-import timm
-import torch
 from transformers import PretrainedConfig
 
 
 CLASS_LABEL_CORRUPTIONS = ("none", "rand_cls", "real_n_fake_cls", "rand_n_fake_cls", "real_n_rand_n_fake_cls")
-_BACKBONE_STRIDES = {}
-
-
-def backbone_stride(backbone, num_channels=3, backbone_kwargs=None):
-    """
-    Stride of the last feature map of a timm backbone, read from a copy built on the meta device (no weights are
-    allocated, about 0.1 s, cached). `None` when the model cannot be built there; the model checks it again then.
-    """
-    backbone_kwargs = backbone_kwargs or {}
-    key = (backbone, num_channels, repr(sorted(backbone_kwargs.items())))
-    if key not in _BACKBONE_STRIDES:
-        try:
-            with torch.device("meta"):
-                model = timm.create_model(
-                    backbone, pretrained=False, features_only=True, in_chans=num_channels, **backbone_kwargs
-                )
-            _BACKBONE_STRIDES[key] = model.feature_info.reduction()[-1]
-        # Raised by models whose construction reads tensor values, which meta tensors do not have.
-        except (RuntimeError, NotImplementedError):
-            _BACKBONE_STRIDES[key] = None
-    return _BACKBONE_STRIDES[key]
 
 
 class Pix2SeqConfig(PretrainedConfig):
@@ -63,7 +44,7 @@ class Pix2SeqConfig(PretrainedConfig):
             `None`.
         image_size (`int`, *optional*, defaults to 640):
             Side of the square canvas images are resized and padded to. Must be divisible by the backbone's stride,
-            unless `backbone_tf_padding` or `patch_size` is set.
+            unless `backbone_tf_padding` or `patch_size` is set (checked when the model is built).
         num_channels (`int`, *optional*, defaults to 3):
             Number of input image channels.
         d_model (`int`, *optional*, defaults to 256):
@@ -338,17 +319,14 @@ class Pix2SeqConfig(PretrainedConfig):
             )
 
     def _validate_backbone(self):
+        # A name lookup in timm's registry; the stride that `image_size` must be a multiple of is only known once
+        # the backbone is built, and the model checks it then.
+        import timm
+
         if not timm.is_model(self.backbone):
             raise ValueError(
                 f"Unknown timm backbone {self.backbone!r}; close names: {timm.list_models(f'*{self.backbone}*')[:5]}, "
                 "all names: `timm.list_models()`."
-            )
-        stride = backbone_stride(self.backbone, self.num_channels, self.backbone_kwargs)
-        if stride and self.image_size % stride and not self.backbone_tf_padding:
-            raise ValueError(
-                f"image_size={self.image_size} is not divisible by the stride {stride} of backbone {self.backbone!r}: "
-                f"use a multiple of {stride}, e.g. {self.image_size // stride * stride or stride}, or set "
-                "backbone_tf_padding=True for TensorFlow's grid of ceil(image_size / stride)."
             )
 
     def _validate_patch_stem(self):

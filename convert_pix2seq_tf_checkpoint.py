@@ -878,7 +878,7 @@ def convert(
     model = load_checkpoint_into(Pix2SeqForObjectDetection(config), reader, mapping).eval()
     set_official_decoding(model, task)
     model.save_pretrained(output_dir)
-    processor = Pix2SeqImageProcessor(size={"longest_edge": config.image_size}, pad_value=0.3, do_normalize=False)
+    processor = Pix2SeqImageProcessor.from_model_config(config, pad_value=0.3, do_normalize=False)
     processor.save_pretrained(output_dir)
     name = source.rstrip("/") if is_gs_url(source) else checkpoint_dir.resolve().name
     card = model_card(

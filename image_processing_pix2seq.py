@@ -1,5 +1,11 @@
-"""Image processor for Pix2Seq: resize the longest side, pad bottom-right to a fixed square canvas."""
+"""
+The Pix2Seq image processor. It owns "image + boxes <-> canvas + tokens", both ways: images are read, resized on their
+longest side and padded bottom-right to the square canvas; COCO annotations become the model's token targets through
+the box <-> token codec (`tokenization_pix2seq.py`); generated tokens become boxes, scores and labels in original
+pixels (`post_process_object_detection`).
+"""
 
+import io
 import os
 import stat
 
@@ -9,7 +15,6 @@ import torch
 from torchvision.transforms.v2 import functional as F
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_transforms import corners_to_center_format
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -20,6 +25,15 @@ from transformers.image_utils import (
 )
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
+
+
+# Relative import for a saved model folder (`trust_remote_code`); the fallback for the repository root.
+try:
+    from .configuration_pix2seq import Pix2SeqConfig
+    from .tokenization_pix2seq import Pix2SeqTokenizer
+except ImportError:
+    from configuration_pix2seq import Pix2SeqConfig
+    from tokenization_pix2seq import Pix2SeqTokenizer
 
 
 logger = logging.get_logger(__name__)
@@ -65,24 +79,90 @@ def open_regular_file(path, mode="rb"):
         raise
 
 
-def load_image(path):
+# EXIF orientations that turn the stored image by 90 degrees, so that the upright image swaps width and height.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+# PIL reports bad data as OSError (truncated, unidentified), SyntaxError (broken PNG chunks), ValueError or EOFError
+# depending on the decoder, and a decompression bomb as its own error class.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError)
+
+
+def header_orientation(image):
     """
-    Opens and fully decodes an image file, so that a truncated, corrupt or non-image file fails here, with an
-    `InvalidImageError` naming the file, rather than later inside a batch. Orientation and mode are left to
-    `to_rgb_tensor`.
+    The EXIF orientation stored in an opened image's header (`None` if none). `getexif()` would decode a whole PNG
+    to look for an EXIF chunk after the pixels; the header's EXIF (JPEG, WebP, PNG before the pixels) is enough.
+    """
+    if not image.info.get("exif"):
+        return None
+    exif = PIL.Image.Exif()
+    exif.load(image.info["exif"])
+    return exif.get(0x0112)
+
+
+def _upright_size(image):
+    """`(width, height)` of an opened image once turned upright by its EXIF orientation, from its header."""
+    width, height = image.size
+    return (height, width) if header_orientation(image) in _TRANSPOSING_ORIENTATIONS else (width, height)
+
+
+def image_file_size(path):
+    """
+    `(width, height)` of the image file at `path` as it is read (upright), from its header without decoding the
+    pixels; `None` when the file is missing or not an image.
     """
     try:
         with open_regular_file(path) as file, PIL.Image.open(file) as image:
-            image.load()
-            return image
-    # PIL reports bad data as OSError (truncated, unidentified), SyntaxError (broken PNG chunks), ValueError or
-    # EOFError depending on the decoder, and a decompression bomb as its own error class.
-    except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
-        raise InvalidImageError(f"Cannot read image file {path}: {error}") from error
+            return _upright_size(image)
+    except _DECODE_ERRORS:
+        return None
+
+
+def read_image(source, max_size=None):
+    """
+    The one image reader: an image file (a path, or its bytes) -> `(image, original_size)`, the upright `(3, H, W)`
+    float tensor in [0, 1] (see `to_rgb_tensor`) and the `(height, width)` of the upright image at full size, which
+    coordinates in original pixels refer to. The image is fully decoded here, so that a truncated, corrupt or
+    non-image file fails with an `InvalidImageError` naming the file rather than later inside a batch.
+
+    With `max_size`, a larger image is decoded with its longest side at most `max_size` (aspect ratio kept): a JPEG
+    through its decoder's draft mode (the DCT scales down by 2, 4 or 8 while decoding), any image resized in 8 bits,
+    so that the float tensor (4 bytes a value) is made only at the reduced size. A 100-megapixel JPEG then peaks near
+    the memory of a normal image.
+    """
+    name = "<image bytes>" if isinstance(source, bytes) else source
+    try:
+        file = io.BytesIO(source) if isinstance(source, bytes) else open_regular_file(source)
+        with file, PIL.Image.open(file) as image:
+            width, height = _upright_size(image)
+            if max_size is not None and max(width, height) > max_size:
+                image = _decode_reduced(image, max_size / max(width, height))
+            else:
+                image.load()
+            return to_rgb_tensor(image), (height, width)
+    except _DECODE_ERRORS as error:
+        raise InvalidImageError(f"Cannot read image file {name}: {error}") from error
+
+
+def _decode_reduced(image, scale):
+    """`image` decoded and resized by `scale`, keeping only its EXIF orientation (which `to_rgb_tensor` applies)."""
+    orientation = header_orientation(image)
+    target = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    # `draft` picks the smallest DCT scale that still covers the requested size (JPEG only; others ignore it).
+    image.draft("RGB", target)
+    image.load()
+    # `to_rgb_tensor` reads these modes as more than 8 bits; resizing them keeps their values.
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+        image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
+    image = image.resize(target, PIL.Image.Resampling.BILINEAR, reducing_gap=2.0)
+    if orientation not in (None, 1):
+        exif = PIL.Image.Exif()
+        exif[0x0112] = orientation
+        image.info["exif"] = exif.tobytes()
+    return image
 
 
 def _pil_to_tensor(image):
     """An upright `(C, H, W)` tensor of a PIL image: RGB, or one channel for 16/32-bit and float grayscale."""
+    # The one place where EXIF orientation is applied.
     image = PIL.ImageOps.exif_transpose(image)
     # `convert("RGB")` would clip these to 8 bits; their dtype tells `to_rgb_tensor` how to scale them.
     if image.mode.startswith("I;16"):
@@ -153,16 +233,21 @@ class Pix2SeqImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
     format (`str`, *optional*, defaults to `"coco_detection"`):
         Format of the annotations; only `"coco_detection"` (Pix2Seq detects boxes, it has no panoptic head).
-    do_convert_annotations (`bool`, *optional*, defaults to `True`):
-        Write the boxes of `labels` as `(center_x, center_y, width, height)` normalised to the padded canvas, what
-        the model trains on; otherwise as `(x_min, y_min, x_max, y_max)` in pixels of the processed image.
     pad_value (`float`, *optional*, defaults to 0.3):
         Value of the canvas around the image, in rescaled pixels (before normalisation): the official 0.3.
+    codec (`dict`, *optional*):
+        The settings of the box <-> token codec (`Pix2SeqTokenizer.to_dict()`: the model's class indices, vocabulary
+        layout and sequence augmentation settings). `from_model_config` fills it from a `Pix2SeqConfig`.
+    do_sequence_augmentation (`bool`, *optional*, defaults to `False`):
+        Build the token targets of `annotations` with the official sequence augmentation (random object order, noise
+        objects, class corruption of the decoder input), as training does; without it, the targets are the objects
+        in their order, the same on every call (what a validation loss needs).
     """
 
     format: str | AnnotationFormat
-    do_convert_annotations: bool
     pad_value: float
+    codec: dict
+    do_sequence_augmentation: bool
 
 
 class Pix2SeqImageProcessor(TorchvisionBackend):
@@ -203,10 +288,11 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             Value of the canvas around the image, in rescaled pixels (before normalisation).
         format (`str`, *optional*, defaults to `"coco_detection"`):
             Format of the annotations; only COCO detection annotations are supported.
-        do_convert_annotations (`bool`, *optional*, defaults to `True`):
-            Boxes of `labels` as `(center_x, center_y, width, height)` normalised to the canvas (as DETR's processor
-            writes them, and as the model trains on them); otherwise `(x_min, y_min, x_max, y_max)` in pixels of the
-            processed image.
+        codec (`dict`, *optional*):
+            Settings of the box <-> token codec (see `from_model_config`). Folders saved before the processor held
+            them take them from the `config.json` beside it.
+        do_sequence_augmentation (`bool`, *optional*, defaults to `False`):
+            Token targets with the official sequence augmentation (for training) or without (the same every call).
     """
 
     valid_kwargs = Pix2SeqImageProcessorKwargs
@@ -223,15 +309,52 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
     do_pad = True
     pad_value = 0.3
     format = AnnotationFormat.COCO_DETECTION
-    do_convert_annotations = True
+    codec = None
+    do_sequence_augmentation = False
 
     def __init__(self, **kwargs):
         # Folders saved before the transformers conventions hold the canvas side as `image_size`.
         image_size = kwargs.pop("image_size", None)
         if image_size is not None and kwargs.get("size") is None:
             kwargs["size"] = {"longest_edge": image_size}
+        # Folders saved while `labels` were per-image boxes hold this setting of their format.
+        kwargs.pop("do_convert_annotations", None)
         super().__init__(**kwargs)
         canvas_side(self.size)
+
+    @classmethod
+    def from_model_config(cls, config, **kwargs):
+        """The processor of a model: its canvas (`config.image_size`) and its codec (vocabulary, classes)."""
+        kwargs.setdefault("size", {"longest_edge": config.image_size})
+        return cls(codec=Pix2SeqTokenizer.from_config(config).to_dict(), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if processor.codec is None:
+            # Folders saved before the processor held the codec: its settings are the model's, in config.json.
+            hub_kwargs = {
+                key: kwargs[key]
+                for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+                if key in kwargs
+            }
+            try:
+                config_dict, _ = Pix2SeqConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+            except OSError:
+                return processor
+            processor.codec = Pix2SeqTokenizer.from_config(Pix2SeqConfig.from_dict(config_dict)).to_dict()
+        return processor
+
+    def box_codec(self, codec=None):
+        """The box <-> token codec of `codec` (the processor's own by default)."""
+        codec = codec if codec is not None else self.codec
+        if codec is None:
+            raise ValueError(
+                "This Pix2SeqImageProcessor has no codec settings, so it cannot turn boxes into tokens or tokens into "
+                "boxes: build it with `Pix2SeqImageProcessor.from_model_config(model.config)`, or load it from a "
+                "model folder."
+            )
+        return Pix2SeqTokenizer(**codec)
 
     @property
     def image_size(self):
@@ -260,7 +383,7 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             images = list(images)
         else:
             images = [images]
-        return [load_image(image) if isinstance(image, (str, os.PathLike)) else image for image in images]
+        return [read_image(image)[0] if isinstance(image, (str, os.PathLike)) else image for image in images]
 
     def process_image(self, image, do_rescale=None, rescale_factor=None, device=None, **kwargs):
         """One image of any supported kind -> `(3, H, W)` float tensor, rescaled to [0, 1] with `do_rescale`."""
@@ -287,16 +410,15 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             images: one image or a list (PIL images, file paths, numpy arrays, tensors).
             annotations (`dict` or `list[dict]`, *optional*):
                 COCO detection annotations per image, in original pixels: `{"image_id": int, "annotations":
-                [{"bbox": [x, y, w, h], "category_id": int, "iscrowd": 0, "area": float}, ...]}` (`iscrowd` and
-                `area` are optional).
+                [{"bbox": [x, y, w, h], "category_id": int, "iscrowd": 0}, ...]}` (`iscrowd` optional), with the
+                model's class indices (keys of `id2label`) as `category_id`.
             **kwargs: any setting of the processor (see the class docstring) for this call, and `return_tensors`
                 (`"pt"` or `"np"`).
 
         Returns:
-            `BatchFeature` with `pixel_values` `(B, 3, S, S)` and, with annotations, `labels`: one dict per image
-            with `class_labels`, `boxes` (see `do_convert_annotations`), `area`, `iscrowd`, `image_id`, `orig_size`
-            and `size` (both `(height, width)`). Crowd boxes and boxes left empty once clipped to the image are
-            dropped.
+            `BatchFeature` with `pixel_values` `(B, 3, S, S)` and, with annotations, the model's token targets (see
+            `encode_objects`): `labels`, `decoder_input_ids` and `token_weights`. Crowd boxes and boxes left empty
+            once clipped to the image are dropped.
         """
         return super().preprocess(images, annotations, **kwargs)
 
@@ -315,7 +437,8 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
         do_pad,
         pad_value,
         format,
-        do_convert_annotations,
+        codec,
+        do_sequence_augmentation,
         return_tensors,
         **kwargs,
     ):
@@ -328,7 +451,7 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
                 raise ValueError(f"Pix2Seq detects boxes: annotation format {format.value!r} is not supported.")
             validate_annotations(format, (AnnotationFormat.COCO_DETECTION,), annotations)
         side = canvas_side(size)
-        pixel_values, labels = [], []
+        pixel_values, objects = [], []
         for index, image in enumerate(images):
             height, width = image.shape[-2:]
             scale = side / max(height, width) if do_resize else 1.0
@@ -346,35 +469,49 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
                 image = F.normalize(image, image_mean, image_std)
             pixel_values.append(image)
             if annotations is not None:
-                target = coco_detection_target(annotations[index], height, width)
-                labels.append(self._target_on_canvas(target, scale, image.shape[-2:], side, do_convert_annotations))
+                boxes, class_labels = coco_detection_objects(annotations[index], height, width)
+                objects.append((boxes * scale, class_labels))
         if all(image.shape == pixel_values[0].shape for image in pixel_values):
             pixel_values = torch.stack(pixel_values)
-        data = BatchFeature({"pixel_values": pixel_values}, tensor_type=return_tensors)
+        data = {"pixel_values": pixel_values}
         if annotations is not None:
-            data["labels"] = [BatchFeature(target, tensor_type=return_tensors) for target in labels]
-        return data
+            data.update(self.encode_objects(objects, do_sequence_augmentation, size=size, codec=codec))
+        return BatchFeature(data, tensor_type=return_tensors)
 
-    @staticmethod
-    def _target_on_canvas(target, scale, image_size, side, do_convert_annotations):
-        """Original-pixel xyxy boxes -> the processed image: normalised cxcywh on the canvas, or xyxy pixels."""
-        boxes = target["boxes"] * scale
-        target = dict(target, boxes=boxes, area=target["area"] * scale**2, size=torch.tensor(list(image_size)))
-        if do_convert_annotations:
-            target["boxes"] = corners_to_center_format(boxes) / side
-        return target
+    def encode_objects(self, objects, do_sequence_augmentation=None, size=None, codec=None, generator=None):
+        """
+        The model's token targets of the objects of a batch of processed images.
+
+        Args:
+            objects (`list[tuple]`): per image, `(boxes, class_labels)`: `(N, 4)` `(x_min, y_min, x_max, y_max)` boxes
+                in pixels of the processed image (resized, before padding: the canvas keeps its top-left corner) and
+                `(N,)` class indices.
+            do_sequence_augmentation (`bool`, *optional*): the official sequence augmentation (training) or none.
+            size, codec: the canvas and codec settings, the processor's own by default.
+            generator (`torch.Generator`, *optional*): the random source of the augmentation.
+
+        Returns:
+            `dict` of `(batch_size, sequence_length)` tensors: `labels` (target tokens), `decoder_input_ids` (the task
+            token, then the possibly corrupted objects) and `token_weights` (the loss weight of each target).
+        """
+        if do_sequence_augmentation is None:
+            do_sequence_augmentation = self.do_sequence_augmentation
+        side = canvas_side(size if size is not None else self.size)
+        normalised = [(torch.as_tensor(boxes, dtype=torch.float32) / side, labels) for boxes, labels in objects]
+        return self.box_codec(codec).build_training_batch(normalised, generator, augment=do_sequence_augmentation)
 
     def post_process_object_detection(self, outputs, threshold=0.5, target_sizes=None):
         """
-        Turns `Pix2SeqObjectDetectionOutput` into per-image detections.
+        Decodes what `Pix2SeqForObjectDetection` generated (`Pix2SeqObjectDetectionOutput`: `sequences` and their
+        `logits`) into per-image detections, with the codec's scores (the class probability at each object's class
+        position).
 
-        Never returns a garbage box: inverted coordinates are put back in order, boxes are clipped to the image (or
-        the canvas), and a detection is dropped when its box or score is not finite, its label is negative (an empty
-        slot) or its box is empty once clipped (e.g. it lies wholly in the padding). Scores are clipped to [0, 1].
+        Never returns a garbage box: boxes are clipped to the image (or the canvas), and a detection is dropped when
+        its score is not finite, its slot holds no valid object, or its box is empty once clipped (e.g. it lies
+        wholly in the padding). Scores are clipped to [0, 1].
 
         Args:
-            outputs: the model's output with `pred_canvas_boxes` (xyxy normalised to the canvas), `pred_scores` and
-                `pred_labels`.
+            outputs: the model's output, with `sequences` `(B, T)` (task token excluded) and `logits` `(B, T, V)`.
             threshold (`float`): keep detections whose score is above it.
             target_sizes (`torch.Tensor` of shape `(B, 2)` or list of `(height, width)`, *optional*): original image
                 sizes. Boxes are then in original pixels (clipped to the image); without them, normalised to the
@@ -384,26 +521,25 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             `list[dict]`, one per image, with `scores`, `labels` and `boxes` (xyxy) tensors sorted by score; every
             box satisfies `0 <= x_min < x_max <= width` and `0 <= y_min < y_max <= height`.
         """
-        canvas_boxes = outputs.pred_canvas_boxes
-        batch_size = canvas_boxes.shape[0]
+        detections = self.box_codec().decode(outputs.sequences, outputs.logits)
+        batch_size = detections["boxes"].shape[0]
         if target_sizes is not None and len(target_sizes) != batch_size:
             raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {batch_size} images.")
         results = []
         for index in range(batch_size):
-            boxes, scores = canvas_boxes[index].float(), outputs.pred_scores[index].float()
-            labels = outputs.pred_labels[index]
+            boxes, scores = detections["boxes"][index].float(), detections["scores"][index].float()
+            labels = detections["labels"][index]
             height, width = (float(v) for v in target_sizes[index]) if target_sizes is not None else (1.0, 1.0)
-            x = boxes[:, 0::2].sort(dim=-1).values * max(height, width)
-            y = boxes[:, 1::2].sort(dim=-1).values * max(height, width)
-            x, y = x.clamp(0, max(width, 0)), y.clamp(0, max(height, 0))
-            boxes = torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=-1)
+            # Normalised to the canvas, whose side is the image's longest side once resized.
+            boxes = boxes * max(height, width)
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, max(width, 0))
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, max(height, 0))
             keep = (
                 (labels >= 0)
                 & (scores > threshold)
                 & scores.isfinite()
-                & canvas_boxes[index].isfinite().all(dim=-1)
-                & (x[:, 1] > x[:, 0])
-                & (y[:, 1] > y[:, 0])
+                & (boxes[:, 2] > boxes[:, 0])
+                & (boxes[:, 3] > boxes[:, 1])
             )
             scores = scores[keep].clamp(0, 1)
             order = torch.argsort(scores, descending=True)
@@ -434,27 +570,22 @@ def canvas_side(size):
     return side
 
 
-def coco_detection_target(annotation, height, width):
-    """COCO xywh pixel boxes -> xyxy pixel boxes clipped to the image; crowd boxes and empty ones dropped."""
+def coco_detection_objects(annotation, height, width):
+    """
+    The boundary from COCO: `[x, y, w, h]` pixel boxes -> `(N, 4)` `(x_min, y_min, x_max, y_max)` pixel boxes clipped
+    to the image, and `(N,)` class indices; crowd boxes and boxes left empty are dropped.
+    """
     objects = annotation.get("annotations", [])
     boxes = torch.tensor([obj["bbox"] for obj in objects], dtype=torch.float32).reshape(-1, 4)
     classes = torch.tensor([obj["category_id"] for obj in objects], dtype=torch.long)
     crowd = torch.tensor([bool(obj.get("iscrowd", 0)) for obj in objects], dtype=torch.bool)
-    area = torch.tensor([obj.get("area", obj["bbox"][2] * obj["bbox"][3]) for obj in objects], dtype=torch.float32)
     xyxy = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
     xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)
     xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
     keep = ~crowd & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
-    return {
-        "image_id": torch.tensor([annotation["image_id"]]),
-        "class_labels": classes[keep],
-        "boxes": xyxy[keep],
-        "area": area[keep],
-        "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.long),
-        "orig_size": torch.tensor([height, width]),
-    }
+    return xyxy[keep], classes[keep]
 
 
 Pix2SeqImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = ["InvalidImageError", "Pix2SeqImageProcessor", "load_image", "to_rgb_tensor"]
+__all__ = ["InvalidImageError", "Pix2SeqImageProcessor", "image_file_size", "read_image", "to_rgb_tensor"]

@@ -15,7 +15,6 @@ What it changes:
 
 import base64
 import binascii
-import io
 import numbers
 import os
 import urllib.request
@@ -27,9 +26,9 @@ from transformers.pipelines.object_detection import ObjectDetectionPipeline
 
 
 try:
-    from .image_processing_pix2seq import InvalidImageError, load_image
+    from .image_processing_pix2seq import InvalidImageError, read_image
 except ImportError:
-    from image_processing_pix2seq import InvalidImageError, load_image
+    from image_processing_pix2seq import InvalidImageError, read_image
 
 
 def check_threshold(threshold):
@@ -42,28 +41,28 @@ def check_threshold(threshold):
         )
 
 
-def _decoded(data, source):
+def _read_bytes(data, source):
     try:
-        with PIL.Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image
-    except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
-        raise InvalidImageError(f"Cannot read image {source}: {error}") from error
+        return read_image(data)
+    except InvalidImageError as error:
+        raise InvalidImageError(f"Cannot read image {source}: {error.__cause__ or error}") from error
 
 
-def read_image(image, timeout=None):
+def load_pipeline_image(image, timeout=None):
     """
-    A PIL image, in its stored mode and turned upright by its EXIF orientation, from what the object-detection
-    pipeline accepts: a PIL image, a local path, an http(s) URL or a base64 string (optionally a `data:image/` URL).
+    `(image, (height, width))` from what the object-detection pipeline accepts: a PIL image (turned upright by its
+    EXIF orientation, its mode kept for the processor), or a local path, an http(s) URL or a base64 string (optionally
+    a `data:image/` URL), read by the image processor's one reader; the size is that of the upright original image.
     """
     if isinstance(image, PIL.Image.Image):
-        pass
-    elif isinstance(image, os.PathLike) or (isinstance(image, str) and os.path.exists(image)):
-        image = load_image(image)
-    elif isinstance(image, str) and image.startswith(("http://", "https://")):
+        image = PIL.ImageOps.exif_transpose(image)
+        return image, (image.height, image.width)
+    if isinstance(image, os.PathLike) or (isinstance(image, str) and os.path.exists(image)):
+        return read_image(os.fspath(image))
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
         with urllib.request.urlopen(image, timeout=timeout) as response:
-            image = _decoded(response.read(), image)
-    elif isinstance(image, str):
+            return _read_bytes(response.read(), image)
+    if isinstance(image, str):
         try:
             data = base64.b64decode(image.split(",", 1)[1] if image.startswith("data:image/") else image)
         except (binascii.Error, ValueError) as error:
@@ -71,13 +70,11 @@ def read_image(image, timeout=None):
                 "An image must be a PIL image, a path to an existing file, an http(s) URL or a base64 string; got "
                 f"{image[:80]!r}."
             ) from error
-        image = _decoded(data, "given as base64")
-    else:
-        raise TypeError(
-            "An image must be a PIL image, a path to an existing file, an http(s) URL or a base64 string; got "
-            f"{type(image).__name__}."
-        )
-    return PIL.ImageOps.exif_transpose(image)
+        return _read_bytes(data, "given as base64")
+    raise TypeError(
+        "An image must be a PIL image, a path to an existing file, an http(s) URL or a base64 string; got "
+        f"{type(image).__name__}."
+    )
 
 
 class Pix2SeqObjectDetectionPipeline(ObjectDetectionPipeline):
@@ -100,9 +97,9 @@ class Pix2SeqObjectDetectionPipeline(ObjectDetectionPipeline):
         return super()._sanitize_parameters(**kwargs)
 
     def preprocess(self, image, timeout=None):
-        image = read_image(image, timeout)
+        image, original_size = load_pipeline_image(image, timeout)
         inputs = self.image_processor(images=[image], return_tensors="pt").to(self.dtype)
-        inputs["target_size"] = torch.IntTensor([[image.height, image.width]])
+        inputs["target_size"] = torch.IntTensor([original_size])
         return inputs
 
     def postprocess(self, model_outputs, threshold=0.5):
@@ -117,4 +114,4 @@ class Pix2SeqObjectDetectionPipeline(ObjectDetectionPipeline):
         return detections
 
 
-__all__ = ["Pix2SeqObjectDetectionPipeline", "check_threshold", "read_image"]
+__all__ = ["Pix2SeqObjectDetectionPipeline", "check_threshold", "load_pipeline_image"]

@@ -53,7 +53,9 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import SchedulerType
 
 from configuration_pix2seq import Pix2SeqConfig
-from detection_data import (
+from image_processing_pix2seq import Pix2SeqImageProcessor
+from modeling_pix2seq import Pix2SeqForObjectDetection
+from training.detection_data import (
     EvalCollator,
     ImageReader,
     NoTrainingDataError,
@@ -66,9 +68,7 @@ from detection_data import (
     synthetic_split,
     train_stream,
 )
-from image_processing_pix2seq import Pix2SeqImageProcessor
-from modeling_pix2seq import Pix2SeqForObjectDetection
-from training_safety import (
+from training.training_safety import (
     NonFiniteLossCallback,
     OutputDirLock,
     check_output_dir,
@@ -84,7 +84,7 @@ from training_safety import (
 
 logger = logging.getLogger(__name__)
 
-COCO_MAP_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "coco_map")
+COCO_MAP_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluation", "coco_map")
 
 # A model small enough to learn the synthetic demo on a 2-core CPU: 96 px, a ResNet-18 cut at stride 16, one encoder
 # and two decoder layers, EOS mode. What made it learn faster on this CPU (benchmarks/RESULTS.md has the runs): no
@@ -185,7 +185,7 @@ class DataTrainingArguments:
     )
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "A parquet detection data set (Hub id or folder); schemas in detection_data.py."},
+        metadata={"help": "A parquet detection data set (Hub id or folder); schemas in training/detection_data.py."},
     )
     dataset_config_name: str | None = field(default=None)
     train_split: str = field(default="train")
@@ -405,13 +405,13 @@ class DetectionTrainer(Trainer):
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def detect_batch(self, model, pixel_values, target_sizes):
-        """Per-image `boxes` (xyxy, original pixels), `scores`, `labels` (class indices)."""
+        """Per-image `boxes` (xyxy, original pixels), `scores`, `labels` (class indices): generated, then decoded."""
         outputs = model.detect(pixel_values)
         # Threshold 0: every generated object is ranked, as the official evaluation does.
         return self.processing_class.post_process_object_detection(outputs, threshold=0.0, target_sizes=target_sizes)
 
     def predict_detections(self, dataset):
-        """COCO-style detections (`image_id`, xywh `boxes`, `scores`, `labels` as category ids) for every image."""
+        """Detections (`image_id`, xyxy `boxes` in original pixels, `scores`, `labels` as category ids) of every image."""
         loader = DataLoader(
             dataset,
             batch_size=self.args.eval_batch_size,
@@ -429,11 +429,10 @@ class DetectionTrainer(Trainer):
                 with torch.no_grad(), self.accelerator.autocast():
                     results = self.detect_batch(model, batch["pixel_values"], batch["target_sizes"])
                 for image_id, result in zip(batch["image_ids"].tolist(), results):
-                    xyxy = result["boxes"].float().cpu()
                     predictions.append(
                         {
                             "image_id": image_id,
-                            "boxes": torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1).tolist(),
+                            "boxes": result["boxes"].float().cpu().tolist(),
                             "scores": result["scores"].float().cpu().tolist(),
                             "labels": [self.category_ids[label] for label in result["labels"].tolist()],
                         }
@@ -458,7 +457,7 @@ class DetectionTrainer(Trainer):
                 len(references),
             )
         metric = evaluate.load(COCO_MAP_PATH, keep_in_memory=True)
-        scores = metric.compute(predictions=predictions, references=references, class_metrics=True)
+        scores = metric.compute(predictions=coco_boxes(predictions), references=references, class_metrics=True)
         runtime = time.time() - start
         per_class = scores.pop("map_per_class")
         id2label = self.model.config.id2label
@@ -644,23 +643,25 @@ def build_model(model_args, data_args, label_map, max_instances, train=True):
 
 
 def build_image_processor(model_args, config):
+    """
+    The model's image processor: the saved one's image settings (normalisation, padding value), with the canvas and
+    the codec (classes, vocabulary) of `config`, which a fine-tuning run may have changed.
+    """
     source = model_args.image_processor_name or model_args.model_name_or_path
     if source:
         try:
             if model_args.trust_remote_code:
-                processor = AutoImageProcessor.from_pretrained(source, **model_args.hub_kwargs, trust_remote_code=True)
+                saved = AutoImageProcessor.from_pretrained(source, **model_args.hub_kwargs, trust_remote_code=True)
             else:
-                processor = Pix2SeqImageProcessor.from_pretrained(source, **model_args.hub_kwargs)
-            processor.image_size = config.image_size
-            return processor
+                saved = Pix2SeqImageProcessor.from_pretrained(source, **model_args.hub_kwargs)
+            settings = {key: getattr(saved, key) for key in ("do_normalize", "image_mean", "image_std", "pad_value")}
+            return type(saved).from_model_config(config, **settings)
         except OSError:
             if model_args.image_processor_name:
                 raise
             logger.warning("No image processor saved with %s; using the default one.", source)
     # ImageNet-pretrained timm backbones expect normalised pixels; a backbone trained here learns from [0, 1].
-    return Pix2SeqImageProcessor(
-        size={"longest_edge": config.image_size}, do_normalize=model_args.use_pretrained_backbone
-    )
+    return Pix2SeqImageProcessor.from_model_config(config, do_normalize=model_args.use_pretrained_backbone)
 
 
 def draw_predictions(dataset, predictions, id2label, category_ids, output_dir, num_images, score_threshold=0.3):
@@ -676,7 +677,6 @@ def draw_predictions(dataset, predictions, id2label, category_ids, output_dir, n
             continue
         keep = [i for i, score in enumerate(prediction["scores"]) if score >= score_threshold]
         boxes = torch.tensor([prediction["boxes"][i] for i in keep], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
         captions = [f"{names[prediction['labels'][i]]} {prediction['scores'][i]:.2f}" for i in keep]
         drawn = (image * 255).to(torch.uint8)
         # torchvision warns on an empty box list: an image with nothing found is written as it is.
@@ -717,11 +717,16 @@ def check_training_data(split, reader):
     )
 
 
+def coco_boxes(predictions):
+    """The boundary to COCO: the detections with `[x, y, w, h]` boxes instead of `(x_min, y_min, x_max, y_max)`."""
+    return [dict(p, boxes=[[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in p["boxes"]]) for p in predictions]
+
+
 def write_predictions(predictions, path):
     """The detections as a COCO results file (`image_id`, `category_id`, `bbox` xywh, `score`)."""
     results = [
         {"image_id": p["image_id"], "category_id": label, "bbox": box, "score": score}
-        for p in predictions
+        for p in coco_boxes(predictions)
         for box, score, label in zip(p["boxes"], p["scores"], p["labels"])
     ]
     with open(path, "w") as file:
@@ -809,8 +814,8 @@ def run(model_args, data_args, training_args, resume, scales):
     if do_train:
         check_training_data(train_split, reader)
         augmentation = TrainAugmentation(model.config.image_size, *scales)
-        # More objects than `max_instances`: the tokenizer shuffles them and keeps the first ones (a random subset).
-        transform = TrainTransform(image_processor, model.tokenizer.encode_target, augmentation, reader)
+        # More objects than `max_instances`: the codec shuffles them and keeps the first ones (a random subset).
+        transform = TrainTransform(image_processor, augmentation, reader)
         train_dataset = train_stream(
             train_split, transform, seed=training_args.seed, shuffle_buffer_size=data_args.shuffle_buffer_size
         )

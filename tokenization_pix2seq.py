@@ -1,13 +1,16 @@
-"""The Pix2Seq coordinate/class vocabulary: boxes to token sequences and back.
+"""
+The Pix2Seq box <-> token codec: boxes and class indices to token sequences (with the official sequence augmentation)
+and generated tokens back to boxes, scores and labels. Pure tensor code, no model and no image.
 
-This is deliberately a plain class and not an `AutoTokenizer`: a tokenizer that `AutoTokenizer` can load sends
-`pipeline("object-detection")` down its LayoutLM branch. Every setting lives in `config.json`.
+Its one user is `Pix2SeqImageProcessor`, which turns annotations into the model's token targets and generated tokens
+into detections. This is deliberately a plain class and not an `AutoTokenizer`: a tokenizer that `AutoTokenizer` can
+load sends `pipeline("object-detection")` down its LayoutLM branch. Its settings are the model's vocabulary layout and
+augmentation settings (`Pix2SeqConfig`), which the image processor saves with its own (`codec`).
 """
 
 import inspect
 
 import torch
-from transformers.image_transforms import center_to_corners_format
 
 
 # Relative import for a saved model folder (`trust_remote_code`); the fallback for the repository root.
@@ -62,6 +65,10 @@ class Pix2SeqTokenizer:
     def from_config(cls, config):
         return cls(list(config.id2label), **{name: getattr(config, name) for name in SETTINGS})
 
+    def to_dict(self):
+        """The settings, as `Pix2SeqTokenizer(**settings)` takes them back (what the image processor saves)."""
+        return {"class_ids": self.class_ids.tolist(), **{name: getattr(self, name) for name in SETTINGS}}
+
     @property
     def class_token_ids(self):
         return self.class_ids + self.class_token_offset
@@ -90,9 +97,12 @@ class Pix2SeqTokenizer:
         classes = (labels + self.class_token_offset).unsqueeze(1)
         return torch.cat([coords, classes], dim=1).reshape(-1)
 
-    def build_training_sequence(self, boxes, labels, generator=None):
+    def build_training_sequence(self, boxes, labels, generator=None, augment=True):
         """
-        One teacher-forcing example with the official sequence augmentation.
+        One teacher-forcing example of `(N, 4)` xyxy boxes normalised to the canvas and `(N,)` class indices. With
+        `augment`, the official sequence augmentation as the settings say (random object order, noise objects, class
+        corruption of the decoder input); without it, the objects in their order, the first `max_instances` of them,
+        and nothing random.
 
         Returns a dict of three `(sequence_length,)` tensors: `decoder_input_ids` (task token + corrupted objects),
         `labels` (the true next tokens) and `token_weights` (real tokens 1, noise coordinates 0, noise class
@@ -100,12 +110,12 @@ class Pix2SeqTokenizer:
         """
         boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).clamp(0, 1)
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        if self.random_object_order:
+        if self.random_object_order and augment:
             order = torch.randperm(len(labels), generator=generator)
             boxes, labels = boxes[order], labels[order]
         boxes, labels = boxes[: self.max_instances], labels[: self.max_instances]
         num_real = len(labels)
-        num_noise = self.max_instances - num_real if self.noise_objects else 0
+        num_noise = self.max_instances - num_real if self.noise_objects and augment else 0
         noise_boxes = self.noise_boxes(boxes, num_noise, generator)
 
         real_tokens = self.encode(boxes, labels)
@@ -113,7 +123,7 @@ class Pix2SeqTokenizer:
             noise_boxes, torch.full((num_noise,), self.fake_class_token_id - self.class_token_offset)
         )
         object_tokens = torch.cat([real_tokens, noise_tokens])
-        input_tokens = self.corrupt_class_tokens(object_tokens, generator)
+        input_tokens = self.corrupt_class_tokens(object_tokens, generator) if augment else object_tokens
 
         real_weights = torch.ones(5 * num_real)
         noise_weights = torch.tensor([0.0, 0.0, 0.0, 0.0, self.noise_class_weight]).repeat(num_noise)
@@ -132,7 +142,8 @@ class Pix2SeqTokenizer:
         else:
             targets = object_tokens
             weights = torch.cat([real_weights, noise_weights])
-            inputs = torch.cat([torch.tensor([self.task_token_id]), input_tokens[:-1]])
+            # The last target of a full sequence is never an input.
+            inputs = torch.cat([torch.tensor([self.task_token_id]), input_tokens])[: self.sequence_length]
         padding = self.sequence_length - len(targets)
         return {
             "decoder_input_ids": torch.nn.functional.pad(
@@ -142,18 +153,9 @@ class Pix2SeqTokenizer:
             "token_weights": torch.nn.functional.pad(weights, (0, padding), value=self.eos_token_weight),
         }
 
-    def encode_target(self, target, generator=None):
-        """
-        `build_training_sequence` of one per-image target as `Pix2SeqImageProcessor` writes it: `class_labels` and
-        `boxes` as `(center_x, center_y, width, height)` normalised to the canvas.
-        """
-        boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device="cpu").reshape(-1, 4)
-        labels = torch.as_tensor(target["class_labels"], device="cpu")
-        return self.build_training_sequence(center_to_corners_format(boxes), labels, generator)
-
-    def build_training_batch(self, targets, generator=None):
-        """`encode_target` of every target, stacked: `(batch_size, sequence_length)` tensors."""
-        sequences = [self.encode_target(target, generator) for target in targets]
+    def build_training_batch(self, objects, generator=None, augment=True):
+        """`build_training_sequence` of every `(boxes, labels)` pair, stacked: `(batch_size, sequence_length)` tensors."""
+        sequences = [self.build_training_sequence(boxes, labels, generator, augment) for boxes, labels in objects]
         return {key: torch.stack([sequence[key] for sequence in sequences]) for key in sequences[0]}
 
     def noise_boxes(self, boxes, num_noise, generator=None):

@@ -22,8 +22,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor  # noqa: E402
 
 import run_detection  # noqa: E402
-from detection_data import EvalCollator, ImageReader, TrainAugmentation, TrainTransform, coco_split, train_stream  # noqa: E402
 from image_processing_pix2seq import Pix2SeqImageProcessor  # noqa: E402
+from training.detection_data import (  # noqa: E402
+    EvalCollator,
+    ImageReader,
+    TrainAugmentation,
+    TrainTransform,
+    coco_split,
+    train_stream,
+)
 
 
 def machine(device):
@@ -112,9 +119,17 @@ class DetrTrainer(run_detection.DetectionTrainer):
         return results
 
 
-def detr_targets(label):
-    # The processor's labels are DETR's targets already: cxcywh boxes normalised to the canvas.
-    return {"labels": {"class_labels": label["class_labels"], "boxes": label["boxes"]}}
+class DetrTrainTransform(TrainTransform):
+    """The same decoding and augmentation, with DETR's targets: cxcywh boxes normalised to the canvas."""
+
+    def model_inputs(self, crops, objects):
+        pixel_values = self.image_processor(crops, do_resize=False, do_rescale=False, return_tensors="pt")
+        side = self.image_processor.image_size
+        labels = [
+            {"class_labels": classes, "boxes": torch.cat([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1) / side}
+            for b, classes in objects
+        ]
+        return {"pixel_values": list(pixel_values["pixel_values"]), "labels": labels}
 
 
 def collate_detr(examples):
@@ -155,7 +170,7 @@ def run_detr(args):
     model = DetrForObjectDetection(config)
     processor = Pix2SeqImageProcessor(image_size=args.image_size, do_normalize=True)
     reader = ImageReader()
-    transform = TrainTransform(processor, detr_targets, TrainAugmentation(args.image_size), reader)
+    transform = DetrTrainTransform(processor, TrainAugmentation(args.image_size), reader)
     trainer = DetrTrainer(
         model=model,
         args=training_args,

@@ -128,8 +128,8 @@ def load_bccd_images(count):
 def bench_end_to_end(image_size, num_images, repeats):
     images, object_counts = load_bccd_images(num_images)
     target_sizes = [(image.height, image.width) for image in images]
-    processor = Pix2SeqImageProcessor(image_size=image_size)
     fixed = Pix2SeqForObjectDetection(official_config(image_size)).eval()
+    processor = Pix2SeqImageProcessor.from_model_config(fixed.config)
     eos = Pix2SeqForObjectDetection(official_config(image_size, eos_mode=True)).eval()
 
     def pix2seq(model, **generate_kwargs):

@@ -31,8 +31,9 @@ import transformers
 from transformers import CompileConfig, DetrConfig, DetrForObjectDetection, DetrImageProcessor, GenerationMixin
 
 from configuration_pix2seq import Pix2SeqConfig
+from generation_pix2seq import Pix2SeqGrammarLogitsProcessor
 from image_processing_pix2seq import Pix2SeqImageProcessor
-from modeling_pix2seq import Pix2SeqForObjectDetection, Pix2SeqGrammarLogitsProcessor
+from modeling_pix2seq import Pix2SeqForObjectDetection
 
 
 # COCO val2017: 36,781 boxes on 4,952 images. Object counts are drawn from a geometric law with that mean (truncated
@@ -192,7 +193,7 @@ def stock_generate(model, processor, images, **generate_kwargs):
     @torch.no_grad()
     def run():
         pixel_values = processor(images, return_tensors="pt")["pixel_values"].to(model.device, model.dtype)
-        grammar = Pix2SeqGrammarLogitsProcessor(model.tokenizer, model.config.vocab_size)
+        grammar = Pix2SeqGrammarLogitsProcessor(model.config)
         sequences = GenerationMixin.generate(
             model, pixel_values, logits_processor=[grammar], do_sample=False, **generate_kwargs
         )
@@ -214,14 +215,14 @@ def training_steps(model, optimizer, batch, dtype, steps):
 
 
 def pix2seq_training_batch(model, batch_size, image_size, device, generator):
-    sequences = []
+    processor = Pix2SeqImageProcessor.from_model_config(model.config, size={"longest_edge": image_size})
+    objects = []
     for _ in range(batch_size):
         count = coco_like_object_counts(1, generator, model.config.max_instances)[0]
         corners = torch.rand(count, 2, 2, generator=generator).sort(dim=1).values  # (N, 2 corners, xy)
-        boxes = corners.reshape(count, 4)
-        labels = torch.randint(1, 91, (count,), generator=generator)
-        sequences.append(model.tokenizer.build_training_sequence(boxes, labels, generator))
-    batch = {key: torch.stack([sequence[key] for sequence in sequences]).to(device) for key in sequences[0]}
+        objects.append((corners.reshape(count, 4) * image_size, torch.randint(1, 91, (count,), generator=generator)))
+    targets = processor.encode_objects(objects, do_sequence_augmentation=True, generator=generator)
+    batch = {key: value.to(device) for key, value in targets.items()}
     pixel_values = torch.rand(batch_size, 3, image_size, image_size, generator=generator).to(device)
     batch["pixel_values"] = pixel_values.contiguous(memory_format=torch.channels_last)
     return batch
@@ -272,7 +273,7 @@ def main():
     eos = Pix2SeqForObjectDetection(Pix2SeqConfig(id2label=id2label, eos_mode=True, **config["pix2seq"]))
     eos.load_state_dict(fixed.state_dict())
     eos = eos.to(device, dtype).eval().to(memory_format=torch.channels_last)
-    processor = Pix2SeqImageProcessor(image_size=config["image_size"])
+    processor = Pix2SeqImageProcessor.from_model_config(fixed.config)
     detr_config = DetrConfig(use_pretrained_backbone=False, num_labels=91, **config["detr"])
     detr = DetrForObjectDetection(detr_config).to(device, dtype).eval().to(memory_format=torch.channels_last)
     detr_processor = DetrImageProcessor(

@@ -3,10 +3,10 @@ import os
 import evaluate
 import pytest
 
-from coco_map.coco_map import coco_metrics
+from evaluation.coco_map.coco_map import coco_metrics
 
 
-COCO_MAP_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "coco_map")
+COCO_MAP_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "evaluation", "coco_map")
 
 
 def references():

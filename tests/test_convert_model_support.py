@@ -46,7 +46,7 @@ def test_a_folder_saved_without_the_new_settings_still_loads(tmp_path):
 
 def test_tf_padding_uses_the_same_max_pool_and_any_image_size_with_the_ceil_grid():
     with pytest.raises(ValueError, match="backbone_tf_padding=True"):
-        tiny_config(image_size=100)
+        Pix2SeqForObjectDetection(tiny_config(image_size=100))
     model = Pix2SeqForObjectDetection(tiny_config(image_size=100, backbone_tf_padding=True)).eval()
     assert isinstance(model.model.encoder.backbone.timm_model.maxpool, MaxPool2dSame)
     with torch.no_grad():

@@ -11,8 +11,9 @@ from torch import nn
 
 from conversion.tf_checkpoint_reader import TFCheckpointReader
 from convert_pix2seq_tf_checkpoint import COCO_CATEGORY_NAMES, config_from_official, load_checkpoint_into
+from generation_pix2seq import Pix2SeqTopPLogitsWarper
 from image_processing_pix2seq import Pix2SeqImageProcessor
-from modeling_pix2seq import Pix2SeqForObjectDetection, Pix2SeqTopPLogitsWarper
+from modeling_pix2seq import Pix2SeqForObjectDetection
 
 
 FIXTURES = ["resnet", "resnet_odd", "resnet_c4", "vit", "resnet_c4_fullwidth"]

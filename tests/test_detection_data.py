@@ -8,8 +8,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from testing_utils import write_coco
 
-from detection_data import (
+from image_processing_pix2seq import Pix2SeqImageProcessor
+from tokenization_pix2seq import Pix2SeqTokenizer
+from training.detection_data import (
     ImageReader,
     TrainAugmentation,
     TrainTransform,
@@ -23,24 +26,7 @@ from detection_data import (
     synthetic_split,
     train_stream,
 )
-from image_processing_pix2seq import Pix2SeqImageProcessor
-from synthetic_shapes import EVAL_INDEX_OFFSET, draw_example
-from tokenization_pix2seq import Pix2SeqTokenizer
-
-
-def write_coco(folder, images, annotations, categories=None):
-    """A COCO folder: `images` maps an id to (width, height); every image is a real PNG."""
-    (folder / "images").mkdir(exist_ok=True)
-    for image_id, (width, height) in images.items():
-        PIL.Image.new("RGB", (width, height), (90, 120, 150)).save(folder / "images" / f"{image_id}.png")
-    coco = {
-        "images": [{"id": i, "file_name": f"{i}.png", "width": w, "height": h} for i, (w, h) in images.items()],
-        "annotations": [{"id": n + 1, **a} for n, a in enumerate(annotations)],
-        "categories": categories or [{"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}],
-    }
-    path = folder / "instances.json"
-    path.write_text(json.dumps(coco))
-    return folder / "images", path
+from training.synthetic_shapes import EVAL_INDEX_OFFSET, draw_example
 
 
 def test_malformed_json_error_names_file_and_position(tmp_path):
@@ -135,8 +121,9 @@ def test_unreadable_image_fails_fast_with_its_name_under_the_flag(tmp_path):
         ImageReader(fail_on_bad_records=True)({"path": str(bad), "bytes": None})
 
 
-def tokenizer(max_instances=6):
-    return Pix2SeqTokenizer(class_ids=range(4), num_bins=64, max_instances=max_instances, eos_mode=True)
+def processor(size=32, max_instances=6):
+    codec = Pix2SeqTokenizer(class_ids=range(4), num_bins=64, max_instances=max_instances, eos_mode=True).to_dict()
+    return Pix2SeqImageProcessor(size={"longest_edge": size}, codec=codec)
 
 
 def test_stream_skips_a_bad_record_and_continues(tmp_path):
@@ -146,16 +133,15 @@ def test_stream_skips_a_bad_record_and_continues(tmp_path):
     # A header that reads (the split keeps the image) and pixel data that does not (decoding skips it).
     (folder / "3.png").write_bytes((folder / "3.png").read_bytes()[:60])
     reader = ImageReader()
-    transform = TrainTransform(
-        Pix2SeqImageProcessor(image_size=32), tokenizer().encode_target, TrainAugmentation(32), reader
-    )
+    transform = TrainTransform(processor(), TrainAugmentation(32), reader)
     examples = list(train_stream(coco_split(folder, path, train=True), transform, batch_size=2))
     assert len(examples) == 3
     assert reader.num_skipped == 1
     batch = collate_train(examples)
     assert batch["pixel_values"].shape == (3, 3, 32, 32)
     assert batch["pixel_values"].is_contiguous(memory_format=torch.channels_last)
-    assert batch["labels"].shape == (3, tokenizer().sequence_length)
+    assert batch["labels"].shape == (3, 5 * 6 + 1)
+    assert batch["decoder_input_ids"].shape == batch["token_weights"].shape == (3, 5 * 6 + 1)
 
 
 def test_flip_moves_boxes_with_the_pixels():
@@ -344,13 +330,7 @@ def test_training_boxes_follow_an_image_decoded_at_reduced_size(tmp_path):
     path = tmp_path / "large.jpg"
     path.write_bytes(jpeg_bytes(4000, 3000))  # white block: x 2000-4000, y 750-1500
     augmentation = TrainAugmentation(64, min_scale=1.0, max_scale=1.0, flip_probability=0.0)
-    targets = []
-    transform = TrainTransform(
-        Pix2SeqImageProcessor(size={"longest_edge": 64}),
-        lambda label: targets.append(label["boxes"]) or {},
-        augmentation,
-        ImageReader(),
-    )
+    transform = TrainTransform(processor(size=64), augmentation, ImageReader())
     outputs = transform(
         {
             "image_id": [1],
@@ -358,8 +338,9 @@ def test_training_boxes_follow_an_image_decoded_at_reduced_size(tmp_path):
             "objects": [{"bbox": [[2000, 750, 2000, 750]], "category": [0]}],
         }
     )
-    # The processor's targets are cxcywh on the canvas: x 32-64, y 12-24 of 64 pixels.
-    assert (targets[0] * 64)[0].tolist() == pytest.approx([48.0, 18.0, 32.0, 12.0])
+    # The box on the canvas: x 32-64, y 12-24 of 64 pixels, the tokens y_min, x_min, y_max, x_max of 64 bins.
+    bins = [round(v / 64 * 63) for v in (12, 32, 24, 64)]
+    assert outputs["labels"][0][:4].tolist() == [1000 + b for b in bins]
     assert outputs["pixel_values"][0][:, 13:23, 33:63].min() > 0.9
 
 
@@ -371,7 +352,7 @@ def test_a_100_megapixel_jpeg_is_read_for_training_and_evaluation_within_1_5_gb(
     path = tmp_path / "huge.jpg"
     PIL.Image.new("RGB", (10000, 10000), (120, 60, 30)).save(path, quality=90)
     script = (
-        "import resource, sys; from detection_data import ImageReader; reader = ImageReader(); "
+        "import resource, sys; from training.detection_data import ImageReader; reader = ImageReader(); "
         f"value = {{'path': {str(path)!r}, 'bytes': None}}; "
         "train = reader.read(value, max_size=1280); evaluation = reader.read(value, max_size=640); "
         "assert train[1] == evaluation[1] == (10000, 10000), (train[1], evaluation[1]); "

@@ -3,11 +3,11 @@ import math
 
 import pytest
 import torch
-from test_generation import cpu_compile_config
-from testing_utils import tiny_config
+from testing_utils import cpu_compile_config, tiny_config
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as transformers_logging
 
+from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection
 
 
@@ -29,7 +29,8 @@ def test_eos_mode_stops_after_one_token_when_eos_is_certain_at_the_first_object(
     sequences = model.generate(pixel_values, do_sample=False, **path)
     assert sequences.tolist() == [[model.config.task_token_id, model.config.pad_token_id]] * 3
     detections = model.detect(pixel_values, do_sample=False, **path)
-    assert detections.pred_canvas_boxes.shape == (3, 0, 4)
+    processor = Pix2SeqImageProcessor.from_model_config(model.config)
+    assert all(len(result["boxes"]) == 0 for result in processor.post_process_object_detection(detections, 0.0))
 
 
 def test_batched_generation_with_pad_equal_to_eos_logs_no_attention_mask_warning():
@@ -79,8 +80,8 @@ def test_eos_mode_greedy_static_generation_equals_generation_mixin():
 
 def test_eos_mode_trains_on_sequences_one_token_longer():
     model = model_with_eos_bias(eos_mode=True, eos_bias=0.0).train()
-    example = model.tokenizer.build_training_sequence(torch.tensor([[0.1, 0.2, 0.5, 0.6]]), torch.tensor([1]))
-    batch = {key: value.unsqueeze(0) for key, value in example.items()}
+    processor = Pix2SeqImageProcessor.from_model_config(model.config)
+    batch = processor.encode_objects([(torch.tensor([[6.0, 12.0, 32.0, 38.0]]), torch.tensor([1]))], True)
     output = model(pixel_values=torch.rand(1, 3, 64, 64), **batch)
     assert output.logits.shape[1] == model.config.sequence_length == 5 * model.config.max_instances + 1
     assert torch.isfinite(output.loss)
@@ -106,7 +107,7 @@ def test_compiled_static_sampling_in_eos_mode_ends_like_eager_sampling_with_the_
 
 
 def test_object_start_weighs_eos_against_the_whole_coordinate_mass():
-    from modeling_pix2seq import choose_stop_or_object
+    from generation_pix2seq import choose_stop_or_object
 
     coordinates = slice(1000, 1064)
     scores = torch.full((3, 3000), -float("inf"))

@@ -32,7 +32,7 @@ def test_tiny_model_overfits_two_images_and_the_pipeline_finds_their_boxes(tmp_p
         d_model=64, decoder_ffn_dim=128, encoder_ffn_dim=128, max_instances=3, dropout=0.0, drop_path_rate=0.0
     )
     model = Pix2SeqForObjectDetection(config)
-    processor = Pix2SeqImageProcessor(size={"longest_edge": config.image_size})
+    processor = Pix2SeqImageProcessor.from_model_config(config)
     images = [draw(size, objects) for size, objects in OBJECTS]
     annotations = [
         {
@@ -41,11 +41,11 @@ def test_tiny_model_overfits_two_images_and_the_pipeline_finds_their_boxes(tmp_p
         }
         for i, (_, objects) in enumerate(OBJECTS)
     ]
-    # The DETR way: the processor's labels are what the model trains on (fresh augmented sequences every step).
-    inputs = processor(images, annotations=annotations, return_tensors="pt")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
     model.train()
     for _ in range(300):
+        # The DETR way: the processor's targets are what the model trains on (fresh augmented sequences every step).
+        inputs = processor(images, annotations=annotations, do_sequence_augmentation=True, return_tensors="pt")
         loss = model(**inputs).loss
         optimizer.zero_grad()
         loss.backward()

@@ -74,16 +74,18 @@ def test_a_one_pixel_image_gives_no_box_without_area(detector):
 
 def test_boxes_are_rounded_to_whole_pixels_and_those_left_without_area_dropped(detector):
     # A 1 x 1 image: canvas boxes scale by 1 pixel. The first covers most of the pixel, the second a sliver of it.
-    outputs = Pix2SeqObjectDetectionOutput(
-        sequences=torch.zeros(1, 10, dtype=torch.long),
-        pred_canvas_boxes=torch.tensor([[[0.1, 0.2, 0.9, 0.8], [0.1, 0.1, 0.3, 0.4]]]),
-        pred_scores=torch.tensor([[0.9, 0.8]]),
-        pred_labels=torch.tensor([[0, 1]]),
-    )
+    codec = detector.image_processor.box_codec()
+    sequences = codec.encode([[0.1, 0.2, 0.9, 0.8], [0.1, 0.1, 0.3, 0.4]], [0, 1]).unsqueeze(0)  # (1, 10)
+    vocab_size = detector.model.config.vocab_size
+    logits = torch.zeros(1, 10, vocab_size)
+    for position, (token, probability) in enumerate(zip(sequences[0, 4::5].tolist(), (0.9, 0.8))):
+        # The class token's softmax probability over the whole vocabulary is the detection's score.
+        logits[0, 5 * position + 4, token] = math.log(probability * (vocab_size - 1) / (1 - probability))
+    outputs = Pix2SeqObjectDetectionOutput(sequences=sequences, logits=logits)
     outputs["target_size"] = torch.IntTensor([[1, 1]])
     detections = detector.postprocess(outputs, threshold=0.5)
     whole_pixel = {"xmin": 0, "ymin": 0, "xmax": 1, "ymax": 1}
-    assert detections == [{"score": pytest.approx(0.9), "label": "circle", "box": whole_pixel}]
+    assert detections == [{"score": pytest.approx(0.9, abs=1e-4), "label": "circle", "box": whole_pixel}]
 
 
 @pytest.mark.parametrize("images", [[], ()])

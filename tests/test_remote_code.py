@@ -23,7 +23,7 @@ def model_folder(tmp_path_factory):
     model = Pix2SeqForObjectDetection(tiny_config())
     model.generation_config.update(do_sample=True, top_p=0.4, top_k=0)
     model.save_pretrained(folder)
-    Pix2SeqImageProcessor(size={"longest_edge": 64}).save_pretrained(folder)
+    Pix2SeqImageProcessor.from_model_config(model.config).save_pretrained(folder)
     return folder
 
 
@@ -54,6 +54,7 @@ def test_saved_folder_holds_code_auto_map_and_no_tokenizer(model_folder):
     assert {
         "configuration_pix2seq.py",
         "modeling_pix2seq.py",
+        "generation_pix2seq.py",
         "tokenization_pix2seq.py",
         "image_processing_pix2seq.py",
     } <= files
@@ -78,13 +79,14 @@ def test_auto_classes_load_the_folder_in_a_fresh_offline_process(model_folder, t
         pixel_values = processor(torch.rand(3, 40, 70))["pixel_values"]
         outputs = model(pixel_values=pixel_values)
         print(config.model_type, type(model).__name__, type(base).__name__, type(processor).__name__)
-        print(tuple(outputs.pred_canvas_boxes.shape))
+        detections = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(40, 70)])
+        print(tuple(outputs.sequences.shape), len(detections))
         """,
         model_folder,
         tmp_path,
     )
     assert "pix2seq Pix2SeqForObjectDetection Pix2SeqModel Pix2SeqImageProcessor" in output
-    assert "(1, 4, 4)" in output
+    assert "(1, 20) 1" in output
 
 
 def test_pipeline_detects_in_original_pixels_with_batches_of_mixed_sizes(model_folder, tmp_path):

@@ -5,7 +5,7 @@ import PIL.Image
 import pytest
 import torch
 
-from image_processing_pix2seq import InvalidImageError, Pix2SeqImageProcessor, load_image, to_rgb_tensor
+from image_processing_pix2seq import InvalidImageError, Pix2SeqImageProcessor, read_image, to_rgb_tensor
 
 
 RED, BLUE, WHITE = (1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (1.0, 1.0, 1.0)
@@ -17,7 +17,7 @@ def pixel(tensor, y, x):
 
 def saved(image, path, **save_kwargs):
     image.save(path, **save_kwargs)
-    return load_image(path)
+    return read_image(path)[0]
 
 
 def test_grayscale_becomes_three_equal_channels(tmp_path):
@@ -49,17 +49,17 @@ def test_palette_images_take_their_palette_colours_and_transparency(tmp_path, tr
 
 def test_sixteen_bit_grayscale_keeps_its_range_even_when_dark(tmp_path):
     array = np.array([[200, 60000]], dtype=np.uint16)  # a dark pixel would read as 8-bit 0.78 if guessed by range
-    loaded = saved(PIL.Image.fromarray(array), tmp_path / "depth.png")
-    assert loaded.mode.startswith("I;16")
-    tensor = to_rgb_tensor(loaded)
+    PIL.Image.fromarray(array).save(tmp_path / "depth.png")
+    assert PIL.Image.open(tmp_path / "depth.png").mode.startswith("I;16")
+    tensor = read_image(tmp_path / "depth.png")[0]
     assert tensor[:, 0, 0].tolist() == pytest.approx([200 / 65535] * 3)
     assert tensor[:, 0, 1].tolist() == pytest.approx([60000 / 65535] * 3)
 
 
 def test_cmyk_jpeg_is_converted_to_rgb(tmp_path):
-    loaded = saved(PIL.Image.new("CMYK", (8, 8), (255, 0, 0, 0)), tmp_path / "cmyk.jpg", quality=95)
-    assert loaded.mode == "CMYK"
-    red, green, blue = to_rgb_tensor(loaded)[:, 4, 4].tolist()
+    PIL.Image.new("CMYK", (8, 8), (255, 0, 0, 0)).save(tmp_path / "cmyk.jpg", quality=95)
+    assert PIL.Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
+    red, green, blue = read_image(tmp_path / "cmyk.jpg")[0][:, 4, 4].tolist()
     assert red < 0.1 and green > 0.9 and blue > 0.9  # pure cyan
 
 
@@ -129,7 +129,7 @@ def test_truncated_jpeg_is_rejected_with_its_file_name(tmp_path):
     PIL.Image.effect_noise((64, 64), 50).convert("RGB").save(path)
     path.write_bytes(path.read_bytes()[:800])
     with pytest.raises(InvalidImageError, match="cut_short.jpg"):
-        load_image(path)
+        read_image(path)
 
 
 @pytest.mark.parametrize("content", [b"", b"id,label\n1,cat\n", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40])
@@ -137,7 +137,7 @@ def test_non_image_files_are_rejected_with_their_file_name(tmp_path, content):
     path = tmp_path / "not_an_image.png"
     path.write_bytes(content)
     with pytest.raises(InvalidImageError, match="not_an_image.png"):
-        load_image(path)
+        read_image(path)
 
 
 def test_every_handled_file_kind_goes_through_the_processor_to_a_valid_canvas(tmp_path):

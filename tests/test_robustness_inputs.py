@@ -12,14 +12,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from testing_utils import tiny_config, unblocked_after
 
-import modeling_pix2seq
+import generation_pix2seq
 from image_processing_pix2seq import (
     MAX_CANVAS_SIDE,
     InvalidImageError,
     NotARegularFileError,
     Pix2SeqImageProcessor,
-    load_image,
     open_regular_file,
+    read_image,
 )
 from modeling_pix2seq import Pix2SeqForObjectDetection, Pix2SeqModel
 
@@ -58,7 +58,7 @@ def test_max_new_tokens_beyond_the_position_table_is_refused_at_load_and_before_
     # Set after loading, or per call: refused by generate() and detection, before a cache is allocated.
     model = Pix2SeqForObjectDetection.from_pretrained(model_folder).eval()
     model.generation_config.update(max_new_tokens=max_new_tokens, cache_implementation=cache_implementation)
-    monkeypatch.setattr(modeling_pix2seq, "StaticCache", NoStaticCache)
+    monkeypatch.setattr(generation_pix2seq, "StaticCache", NoStaticCache)
     pixel_values = torch.rand(1, 3, 64, 64)
     with pytest.raises(ValueError, match=message):
         model.generate(pixel_values)
@@ -142,9 +142,9 @@ def fifo(tmp_path):
     return link
 
 
-def test_load_image_refuses_a_fifo_naming_it_instead_of_hanging(fifo):
+def test_read_image_refuses_a_fifo_naming_it_instead_of_hanging(fifo):
     with unblocked_after(fifo), pytest.raises(InvalidImageError, match=rf"{fifo}.* is a FIFO.*not a regular file"):
-        load_image(fifo)
+        read_image(fifo)
 
 
 def test_the_processor_refuses_a_fifo_path_naming_it(fifo):

@@ -14,7 +14,7 @@ from tokenization_pix2seq import Pix2SeqTokenizer
 
 CONFIG = tiny_config(id2label={0: "a", 3: "b", 7: "c"})  # sparse class indices: labels must be keys, not positions
 TOKENIZER = Pix2SeqTokenizer.from_config(CONFIG)
-PROCESSOR = Pix2SeqImageProcessor(image_size=CONFIG.image_size)
+PROCESSOR = Pix2SeqImageProcessor.from_model_config(CONFIG)
 SPECIAL_VALUES = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.0]
 
 coordinate_tokens = st.integers(CONFIG.coord_token_offset, CONFIG.coord_token_offset + CONFIG.num_bins - 1)
@@ -68,9 +68,7 @@ def test_any_generation_decodes_and_post_processes_to_valid_detections(generatio
     assert (detections["scores"][empty] == 0).all()
     assert_valid_detections({key: value[~empty] for key, value in detections.items()}, height=1.0, width=1.0)
 
-    outputs = SimpleNamespace(
-        pred_canvas_boxes=detections["boxes"], pred_scores=detections["scores"], pred_labels=detections["labels"]
-    )
+    outputs = SimpleNamespace(sequences=tokens, logits=logits)
     target_sizes = sizes[: tokens.shape[0]]
     results = PROCESSOR.post_process_object_detection(outputs, threshold=0.0, target_sizes=target_sizes)
     assert len(results) == tokens.shape[0]
@@ -80,64 +78,40 @@ def test_any_generation_decodes_and_post_processes_to_valid_detections(generatio
         assert_valid_detections(result, 1.0, 1.0)
 
 
-garbage_floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-2, 3))
-
-
-@settings(max_examples=150, deadline=None)
-@given(
-    rows=st.lists(
-        st.tuples(st.lists(garbage_floats, min_size=4, max_size=4), garbage_floats, st.sampled_from([-1, 0, 3, 7])),
-        max_size=6,
-    ),
-    size=st.tuples(st.integers(1, 4000), st.integers(1, 4000)),
-    threshold=st.floats(-1, 1),
-)
-def test_post_processing_of_arbitrary_boxes_and_scores_returns_only_valid_detections(rows, size, threshold):
-    outputs = SimpleNamespace(
-        pred_canvas_boxes=torch.tensor([row[0] for row in rows], dtype=torch.float32).reshape(1, -1, 4),
-        pred_scores=torch.tensor([row[1] for row in rows], dtype=torch.float32).reshape(1, -1),
-        pred_labels=torch.tensor([row[2] for row in rows], dtype=torch.long).reshape(1, -1),
-    )
-    (result,) = PROCESSOR.post_process_object_detection(outputs, threshold=threshold, target_sizes=[size])
-    assert_valid_detections(result, *size)
-
-
-def one_detection(box, score=0.9, label=3):
-    return SimpleNamespace(
-        pred_canvas_boxes=torch.tensor([[box]], dtype=torch.float32),
-        pred_scores=torch.tensor([[score]]),
-        pred_labels=torch.tensor([[label]]),
-    )
+def one_detection(box, label=3, class_logit=10.0):
+    """The tokens of one object (`box` as `(x_min, y_min, x_max, y_max)` on the canvas, written as it is) and logits
+    that make `label` its class."""
+    tokens = TOKENIZER.encode(torch.tensor([box]), torch.tensor([label]))[None]
+    logits = torch.zeros(1, 5, CONFIG.vocab_size)
+    logits[0, 4, CONFIG.class_token_offset + label] = class_logit
+    return SimpleNamespace(sequences=tokens, logits=logits)
 
 
 def test_inverted_box_is_put_back_in_order():
     (result,) = PROCESSOR.post_process_object_detection(one_detection([0.5, 0.4, 0.1, 0.2]), target_sizes=[(100, 100)])
-    assert result["boxes"][0].tolist() == pytest.approx([10.0, 20.0, 50.0, 40.0])
+    expected = [TOKENIZER.dequantize(TOKENIZER.quantize(torch.tensor(v))).item() * 100 for v in (0.1, 0.2, 0.5, 0.4)]
+    assert result["boxes"][0].tolist() == pytest.approx(expected)
 
 
-def test_box_reaching_outside_the_image_is_clipped_to_it():
-    (result,) = PROCESSOR.post_process_object_detection(one_detection([-0.2, 0.1, 1.3, 0.3]), target_sizes=[(50, 100)])
-    assert result["boxes"][0].tolist() == pytest.approx([0.0, 10.0, 100.0, 30.0])
+def test_box_reaching_past_the_image_into_the_padding_is_clipped_to_it():
+    # A 50 x 100 image fills the top half of the canvas: y = 0.8 of the canvas is 80 pixels, past its 50 rows.
+    (result,) = PROCESSOR.post_process_object_detection(one_detection([0.0, 0.1, 1.0, 0.8]), target_sizes=[(50, 100)])
+    assert result["boxes"][0].tolist() == pytest.approx(
+        [0.0, 100 * TOKENIZER.dequantize(TOKENIZER.quantize(torch.tensor(0.1))).item(), 100.0, 50.0]
+    )
 
 
-@pytest.mark.parametrize(
-    "box, score",
-    [
-        ([float("nan"), 0.1, 0.5, 0.5], 0.9),
-        ([-float("inf"), 0.1, float("inf"), 0.5], 0.9),  # clipping would turn it into a whole-width box
-        ([0.1, 0.1, 0.5, 0.5], float("inf")),
-        ([0.1, 0.1, 0.5, 0.5], float("nan")),
-        ([1.2, 0.1, 1.5, 0.5], 0.9),  # wholly outside the canvas
-    ],
-)
-def test_detection_with_a_non_finite_or_unrepairable_value_is_dropped(box, score):
-    (result,) = PROCESSOR.post_process_object_detection(one_detection(box, score), threshold=0.5)
+def test_box_wholly_in_the_padding_is_dropped():
+    (result,) = PROCESSOR.post_process_object_detection(one_detection([0.1, 0.6, 0.5, 0.9]), target_sizes=[(50, 100)])
     assert len(result["scores"]) == 0
 
 
-def test_scores_above_one_are_clipped():
-    (result,) = PROCESSOR.post_process_object_detection(one_detection([0.1, 0.1, 0.5, 0.5], score=1.5))
-    assert result["scores"].tolist() == [1.0]
+@pytest.mark.parametrize("class_logit", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_logits_give_a_finite_score_in_zero_one(class_logit):
+    (result,) = PROCESSOR.post_process_object_detection(
+        one_detection([0.1, 0.1, 0.5, 0.5], class_logit=class_logit), 0.0
+    )
+    assert torch.isfinite(result["scores"]).all() and ((result["scores"] >= 0) & (result["scores"] <= 1)).all()
 
 
 def test_post_processing_rejects_target_sizes_that_do_not_match_the_batch():

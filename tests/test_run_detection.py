@@ -5,44 +5,14 @@ import sys
 
 import pytest
 import torch
+from testing_utils import tiny_run_args, write_coco
 
 import run_detection
-from coco_map.coco_map import coco_metrics
-from detection_data import TrainTransform, synthetic_split
-from tests.test_detection_data import write_coco
+from evaluation.coco_map.coco_map import coco_metrics
+from training.detection_data import TrainTransform, synthetic_split
 
 
-TINY_MODEL = (
-    "image_size=64,num_bins=48,d_model=32,encoder_layers=1,decoder_layers=1,encoder_attention_heads=4,"
-    "decoder_attention_heads=4,encoder_ffn_dim=64,decoder_ffn_dim=64"
-)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_run_args(output_dir, *extra):
-    return [
-        "--output_dir",
-        str(output_dir),
-        "--config_overrides",
-        TINY_MODEL,
-        "--per_device_train_batch_size",
-        "4",
-        "--per_device_eval_batch_size",
-        "3",
-        "--synthetic_eval_images",
-        "5",
-        "--logging_steps",
-        "1",
-        "--dataloader_num_workers",
-        "0",
-        "--num_prediction_images",
-        "2",
-        "--disable_tqdm",
-        "true",
-        "--shuffle_buffer_size",
-        "8",
-        *extra,
-    ]
 
 
 def test_streamed_trainer_run_saves_a_servable_model_and_reports_coco_map(tmp_path):
@@ -69,7 +39,7 @@ def test_streamed_trainer_run_saves_a_servable_model_and_reports_coco_map(tmp_pa
     from transformers import pipeline
 
     detector = pipeline("object-detection", model=str(tmp_path), trust_remote_code=True)
-    from synthetic_shapes import draw_example
+    from training.synthetic_shapes import draw_example
 
     detections = detector(draw_example(0)[0], threshold=0.0)
     assert all(d["label"] in {"circle", "rectangle", "triangle", "ring"} for d in detections)

@@ -11,17 +11,16 @@ import subprocess
 import sys
 
 import pytest
+from testing_utils import TINY_MODEL, tiny_run_args, write_coco
 from transformers.trainer import logger as trainer_logger
 
 import run_detection
 from configuration_pix2seq import Pix2SeqConfig
-from detection_data import NoTrainingDataError
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection
-from synthetic_shapes import SHAPE_CLASSES
-from tests.test_detection_data import write_coco
-from tests.test_run_detection import TINY_MODEL, tiny_run_args
-from training_safety import LOCK_FILE_NAME, OutputDirInUseError
+from training.detection_data import NoTrainingDataError
+from training.synthetic_shapes import SHAPE_CLASSES
+from training.training_safety import LOCK_FILE_NAME, OutputDirInUseError
 
 
 def save_demo_model(folder):

@@ -24,10 +24,10 @@ from safetensors.torch import load_file
 from testing_utils import unblocked_after
 
 import run_detection
-import training_safety
-from detection_data import ImageReader, coco_split, load_coco_annotations
 from image_processing_pix2seq import Pix2SeqImageProcessor
-from training_safety import (
+from training import training_safety
+from training.detection_data import ImageReader, coco_split, load_coco_annotations
+from training.training_safety import (
     LOCK_FILE_NAME,
     STAGING_DIR_NAME,
     OutputDirInUseError,

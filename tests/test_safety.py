@@ -22,6 +22,7 @@ REMOTE_CODE_FILES = [
     "tokenization_pix2seq.py",
     "tokenization_pix2seq_multitask.py",
     "pipeline_pix2seq.py",
+    "generation_pix2seq.py",
 ]
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 

@@ -22,7 +22,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_pix2seq import Pix2SeqForObjectDetection
-from training_safety import (
+from tokenization_pix2seq import Pix2SeqTokenizer
+from training.training_safety import (
     LOCK_FILE_NAME,
     NonFiniteLossCallback,
     NonFiniteLossError,
@@ -83,7 +84,7 @@ def make_trainer(output_dir, max_steps, save_steps=2, save_total_limit=None, nan
         seed=0,
         disable_tqdm=True,
     )
-    dataset = SyntheticDetection(model.tokenizer, nan_from_call=nan_from_call)
+    dataset = SyntheticDetection(Pix2SeqTokenizer.from_config(config), nan_from_call=nan_from_call)
     return Trainer(model=model, args=args, train_dataset=dataset, callbacks=[NonFiniteLossCallback(), *callbacks])
 
 

@@ -18,22 +18,9 @@ def loss_and_gradients(model, batch):
     return loss.detach(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
-    model = deterministic_model()
-    batch = TESTER.prepare_token_inputs(model)
-    loss, gradients = loss_and_gradients(model, batch)
-    # transformers 5.23 renamed `gradient_checkpointing_enable`, which stays as a deprecated alias.
-    model.activation_checkpointing_enable()
-    assert model.is_activation_checkpointing
-    checkpointed_loss, checkpointed_gradients = loss_and_gradients(model, batch)
-    torch.testing.assert_close(checkpointed_loss, loss)
-    for name, gradient in gradients.items():
-        torch.testing.assert_close(checkpointed_gradients[name], gradient, msg=name)
-
-
 def test_channels_last_backbone_gives_the_same_loss_and_gradients():
     model = deterministic_model()
-    batch = TESTER.prepare_token_inputs(model)
+    batch = TESTER.prepare_token_inputs(model.config)
     loss, gradients = loss_and_gradients(model, batch)
     model.to(memory_format=torch.channels_last)
     batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)

@@ -1,14 +1,24 @@
-"""Helpers shared by the test modules: tiny configurations and the location of `../shared` data."""
+"""
+Helpers shared by the test modules (no test module imports another): tiny configurations, the model tester, a tiny
+model trained for a few steps, COCO folders, the tiny `run_detection.py` run and the location of `../shared` data.
+"""
 
 import contextlib
+import copy
+import functools
+import json
 import os
 import threading
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
+from transformers import CompileConfig
 
 from configuration_pix2seq import Pix2SeqConfig
+from image_processing_pix2seq import Pix2SeqImageProcessor
+from modeling_pix2seq import Pix2SeqForObjectDetection
 
 
 # Read-only data beside the repository (reference fixtures, BCCD); never copied into it.
@@ -48,7 +58,7 @@ def tiny_config(**overrides):
 class Pix2SeqModelTester:
     """
     Builds a tiny configuration and the inputs of the model tests in one place, as transformers' `ModelTester`
-    classes do: per-image targets as the image processor writes them, and the token batch a data pipeline builds.
+    classes do: pixels, and the token targets the image processor makes of two objects per image.
     """
 
     def __init__(self, batch_size=2, **config_overrides):
@@ -63,20 +73,21 @@ class Pix2SeqModelTester:
         shape = (self.batch_size, config.num_channels, config.image_size, config.image_size)
         return torch.rand(shape, generator=generator)
 
-    def prepare_targets(self):
-        """Two objects per image: class indices and `(center_x, center_y, width, height)` boxes on the canvas."""
-        boxes = torch.tensor([[0.3, 0.4, 0.4, 0.4], [0.6, 0.25, 0.6, 0.3]])
-        return [{"class_labels": torch.tensor([0, 2]), "boxes": boxes.clone()} for _ in range(self.batch_size)]
+    def prepare_objects(self, config):
+        """Two objects per image: `(x_min, y_min, x_max, y_max)` pixel boxes of the processed image and classes."""
+        side = config.image_size
+        boxes = torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.3, 0.1, 0.9, 0.4]]) * side
+        return [(boxes.clone(), torch.tensor([0, 2])) for _ in range(self.batch_size)]
 
-    def prepare_config_and_inputs(self):
-        """The config and DETR-style training inputs: `pixel_values` and per-image `labels`."""
-        config = self.get_config()
-        return config, {"pixel_values": self.prepare_pixel_values(config), "labels": self.prepare_targets()}
-
-    def prepare_token_inputs(self, model):
-        """Training inputs with the token labels, decoder inputs and weights built beforehand (a fixed seed)."""
-        batch = model.tokenizer.build_training_batch(self.prepare_targets(), torch.Generator().manual_seed(0))
-        batch["pixel_values"] = self.prepare_pixel_values(model.config)
+    def prepare_token_inputs(self, config, augment=True, seed=0):
+        """Training inputs: pixels and the processor's token targets (`labels`, `decoder_input_ids`, weights)."""
+        processor = Pix2SeqImageProcessor.from_model_config(config)
+        batch = processor.encode_objects(
+            self.prepare_objects(config),
+            do_sequence_augmentation=augment,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        batch["pixel_values"] = self.prepare_pixel_values(config)
         return batch
 
 
@@ -104,3 +115,96 @@ def unblocked_after(fifo, seconds=10.0):
     finally:
         stop.set()
         thread.join()
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_tiny_model(steps, overrides):
+    torch.manual_seed(0)
+    config = tiny_config(dropout=0.0, drop_path_rate=0.0, **dict(overrides))
+    model = Pix2SeqForObjectDetection(config)
+    tester = Pix2SeqModelTester(batch_size=2)
+    batch = tester.prepare_token_inputs(config, augment=False)
+    # Two different images with different objects, so that tokens vary within and between sequences.
+    processor = Pix2SeqImageProcessor.from_model_config(config)
+    side = config.image_size
+    objects = [
+        (torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.3, 0.1, 0.9, 0.4]]) * side, torch.tensor([0, 2])),
+        (torch.tensor([[0.6, 0.5, 0.8, 0.95]]) * side, torch.tensor([1])),
+    ]
+    batch.update(processor.encode_objects(objects, do_sequence_augmentation=False))
+    # Images bright on the left and on the right half, which a few steps suffice to tell apart.
+    pixel_values = batch["pixel_values"] * 0.2
+    pixel_values[0, :, :, : side // 2] += 0.8
+    pixel_values[1, :, :, side // 2 :] += 0.8
+    batch["pixel_values"] = pixel_values
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), batch
+
+
+def trained_tiny_model(steps=80, **overrides):
+    """
+    A tiny model fitted for `steps` AdamW steps to the token targets of two images (a copy, in `eval()` mode), and
+    that batch. Greedy decoding of an untrained model repeats one token, which hides cache and batching bugs; this
+    one writes varied coordinates and classes.
+    """
+    model, batch = _trained_tiny_model(steps, tuple(sorted(overrides.items())))
+    return copy.deepcopy(model), {key: value.clone() for key, value in batch.items()}
+
+
+TINY_MODEL = (
+    "image_size=64,num_bins=48,d_model=32,encoder_layers=1,decoder_layers=1,encoder_attention_heads=4,"
+    "decoder_attention_heads=4,encoder_ffn_dim=64,decoder_ffn_dim=64"
+)
+
+
+def tiny_run_args(output_dir, *extra):
+    return [
+        "--output_dir",
+        str(output_dir),
+        "--config_overrides",
+        TINY_MODEL,
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "3",
+        "--synthetic_eval_images",
+        "5",
+        "--logging_steps",
+        "1",
+        "--dataloader_num_workers",
+        "0",
+        "--num_prediction_images",
+        "2",
+        "--disable_tqdm",
+        "true",
+        "--shuffle_buffer_size",
+        "8",
+        *extra,
+    ]
+
+
+def write_coco(folder, images, annotations, categories=None):
+    """A COCO folder: `images` maps an id to (width, height); every image is a real PNG."""
+    (folder / "images").mkdir(exist_ok=True)
+    for image_id, (width, height) in images.items():
+        PIL.Image.new("RGB", (width, height), (90, 120, 150)).save(folder / "images" / f"{image_id}.png")
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": w, "height": h} for i, (w, h) in images.items()],
+        "annotations": [{"id": n + 1, **a} for n, a in enumerate(annotations)],
+        "categories": categories or [{"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}],
+    }
+    path = folder / "instances.json"
+    path.write_text(json.dumps(coco))
+    return folder / "images", path
+
+
+def cpu_compile_config(backend):
+    # transformers compiles the static-cache decode step on CUDA only; this opts the CPU in, as the tests need.
+    compile_config = CompileConfig(fullgraph=True, backend=backend, mode=None if backend != "inductor" else "default")
+    compile_config._compile_all_devices = True
+    return compile_config

@@ -14,7 +14,6 @@ exports of `detection-datasets/coco` write it: `bbox_format="auto"` checks the b
 time) and `category` (a `ClassLabel`, whose names become `id2label`), optionally `iscrowd`/`is_crowd`.
 """
 
-import io
 import logging
 import math
 import os
@@ -24,17 +23,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import datasets
-import PIL.Image
-import PIL.ImageOps
 import torch
 from datasets import ClassLabel, Features, Image, IterableDataset, List, Value
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from image_processing_pix2seq import open_regular_file, to_rgb_tensor
-from synthetic_shapes import EVAL_INDEX_OFFSET, MAX_OBJECTS, SHAPE_CLASSES, draw_example
-from training_safety import read_json
+from image_processing_pix2seq import InvalidImageError, image_file_size, read_image
+from training.synthetic_shapes import EVAL_INDEX_OFFSET, MAX_OBJECTS, SHAPE_CLASSES, draw_example
+from training.training_safety import read_json
 
 
 logger = logging.getLogger(__name__)
@@ -183,38 +180,6 @@ def _stream(generate, num_shards, **kwargs):
 def _coco_records(shards, num_shards, records):
     for shard in shards:
         yield from records[shard::num_shards]
-
-
-# EXIF orientations that turn the stored image by 90 degrees, so that the upright image swaps width and height.
-_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
-
-
-def header_orientation(image):
-    """
-    The EXIF orientation stored in an opened image's header (`None` if none). `getexif()` would decode a whole PNG
-    to look for an EXIF chunk after the pixels; the header's EXIF (JPEG, WebP, PNG before the pixels) is enough.
-    """
-    if not image.info.get("exif"):
-        return None
-    exif = PIL.Image.Exif()
-    exif.load(image.info["exif"])
-    return exif.get(0x0112)
-
-
-def image_file_size(path):
-    """
-    `(width, height)` of the image file at `path` as it is trained on (upright by its EXIF orientation), read from
-    the header without decoding the pixels; `None` when the file is missing, not an image, or no regular file (a FIFO
-    would block the read forever).
-    """
-    try:
-        with open_regular_file(path) as file, PIL.Image.open(file) as image:
-            width, height = image.size
-            if header_orientation(image) in _TRANSPOSING_ORIENTATIONS:
-                width, height = height, width
-            return width, height
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError):
-        return None
 
 
 class NoTrainingDataError(ValueError):
@@ -484,12 +449,9 @@ def hub_split(
 
 class ImageReader:
     """
-    Decodes the `image` value of a record to a `(3, H, W)` float tensor. An unreadable image (missing, truncated, not
-    an image) is skipped with a warning and counted, or, with `fail_on_bad_records`, raises naming the file.
-
-    `read(value, max_size)` decodes a large image at reduced size: a JPEG through its decoder's draft mode (the DCT
-    scales down by 2, 4 or 8 while decoding), any image resized in 8 bits, so that the float tensor (4 bytes a value)
-    is made only at the reduced size. A 100-megapixel JPEG then peaks near the memory of a normal image.
+    `read_image` (the image processor's one image reader) over the `image` value of a record, with the training
+    run's policy for bad files: an unreadable image (missing, truncated, not an image) is skipped with a warning and
+    counted, or, with `fail_on_bad_records`, raises naming the file.
     """
 
     def __init__(self, fail_on_bad_records=False):
@@ -501,57 +463,20 @@ class ImageReader:
         return None if read is None else read[0]
 
     def read(self, value, max_size=None):
-        """
-        `(image, original_size)`: the upright `(3, H, W)` tensor, its longest side at most `max_size` (the aspect
-        ratio kept) when `max_size` is given, and the `(height, width)` of the upright image at full size, which
-        coordinates in original pixels refer to. `None` for a skipped image.
-        """
-        name = value.get("path") or "<image bytes>"
+        """`read_image` of a record's `{"path", "bytes"}` value: `(image, original_size)`, or `None` if skipped."""
         try:
-            with (
-                io.BytesIO(value["bytes"]) if value.get("bytes") else open_regular_file(value["path"]) as file,
-                PIL.Image.open(file) as image,
-            ):
-                return self._decode(image, max_size)
-        except Exception as error:  # PIL raises OSError, ValueError, SyntaxError... for bad files
+            return read_image(value.get("bytes") or value["path"], max_size)
+        except InvalidImageError as error:
             if self.fail_on_bad_records:
-                raise ValueError(f"Cannot read image {name}: {error}") from error
+                raise ValueError(f"Cannot read image {value.get('path') or '<image bytes>'}: {error}") from error
             self.num_skipped += 1
             logger.warning(
-                "Skipped unreadable image %s (%s); %d skipped so far in this process.", name, error, self.num_skipped
+                "Skipped unreadable image %s (%s); %d skipped so far in this process.",
+                value.get("path") or "<image bytes>",
+                error,
+                self.num_skipped,
             )
             return None
-
-    @staticmethod
-    def _decode(image, max_size):
-        width, height = image.size
-        orientation = header_orientation(image)
-        if orientation in _TRANSPOSING_ORIENTATIONS:
-            width, height = height, width
-        if max_size is not None and max(width, height) > max_size:
-            scale = max_size / max(width, height)
-            target = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
-            # `draft` picks the smallest DCT scale that still covers the requested size (JPEG only; others ignore it).
-            image.draft("RGB", target)
-            image.load()
-            # `to_rgb_tensor` reads these modes as more than 8 bits; resizing them keeps their values.
-            if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
-                image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
-            image = image.resize(target, PIL.Image.Resampling.BILINEAR, reducing_gap=2.0)
-            image = PIL.ImageOps.exif_transpose(_with_orientation(image, orientation))
-        else:
-            image.load()
-        return to_rgb_tensor(image), (height, width)
-
-
-def _with_orientation(image, orientation):
-    """`image` carrying only the EXIF `orientation` (so `exif_transpose` turns it upright exactly once)."""
-    image.info.pop("exif", None)
-    if orientation not in (None, 1):
-        exif = PIL.Image.Exif()
-        exif[0x0112] = orientation
-        image.info["exif"] = exif.tobytes()
-    return image
 
 
 class TrainAugmentation:
@@ -600,46 +525,44 @@ class TrainAugmentation:
 class TrainTransform:
     """
     Record batch -> model inputs, for `IterableDataset.map(batched=True)`: decode and augment each image, then the
-    image processor puts the crop on its canvas (padding, normalisation, boxes as the model's targets) exactly as it
-    does for `model(**processor(images, annotations=...))`, without resizing (the augmentation scaled the image).
-    `targets(label)` turns the processor's per-image label into training targets: for Pix2Seq the tokenizer's
-    `encode_target`, so that workers build the token sequences. Unreadable records are left out of the batch.
+    image processor puts the crops on its canvas (padding, normalisation) without resizing them (the augmentation
+    scaled them) and turns their boxes into token targets with the official sequence augmentation, the same code as
+    `model(**processor(images, annotations=...))`. Unreadable records are left out of the batch.
+
+    A box is converted once at each boundary: the record's COCO `[x, y, w, h]` pixels become `(x_min, y_min, x_max,
+    y_max)` pixels here, which the augmentation and the processor keep until the codec writes tokens.
     """
 
-    def __init__(self, image_processor, targets, augmentation, reader):
+    def __init__(self, image_processor, augmentation, reader):
         self.image_processor = image_processor
-        self.targets = targets
         self.augmentation = augmentation
         self.reader = reader
 
     def __call__(self, batch):
-        outputs = {"pixel_values": []}
-        for image_id, value, objects in zip(batch["image_id"], batch["image"], batch["objects"]):
+        crops, objects = [], []
+        for value, record_objects in zip(batch["image"], batch["objects"]):
             read = self.reader.read(value, self.augmentation.max_image_size)
             if read is None:
                 continue
             image, (height, width) = read
-            xywh = torch.tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
-            boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+            xywh = torch.tensor(record_objects["bbox"], dtype=torch.float32).reshape(-1, 4)
             # A large image is decoded smaller: its boxes follow.
-            boxes = boxes * torch.tensor([image.shape[-1] / width, image.shape[-2] / height] * 2)
-            labels = torch.tensor(objects["category"], dtype=torch.long)
+            scale = torch.tensor([image.shape[-1] / width, image.shape[-2] / height] * 2)
+            boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1) * scale
+            labels = torch.tensor(record_objects["category"], dtype=torch.long)
             crop, boxes, labels = self.augmentation(image, boxes, labels)
-            annotation = {
-                "image_id": image_id,
-                "annotations": [
-                    {"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": label}
-                    for (x0, y0, x1, y1), label in zip(boxes.tolist(), labels.tolist())
-                ],
-            }
-            # The reader's pixels are in [0, 1] already.
-            processed = self.image_processor(
-                crop, annotations=annotation, do_resize=False, do_rescale=False, return_tensors="pt"
-            )
-            outputs["pixel_values"].append(processed["pixel_values"][0])
-            for key, value in self.targets(processed["labels"][0]).items():
-                outputs.setdefault(key, []).append(value)
-        return outputs
+            crops.append(crop)
+            objects.append((boxes, labels))
+        return self.model_inputs(crops, objects)
+
+    def model_inputs(self, crops, objects):
+        """Crops and their `(boxes, labels)` -> per-example `pixel_values` and token targets (lists of tensors)."""
+        if not crops:
+            return {"pixel_values": [], "labels": [], "decoder_input_ids": [], "token_weights": []}
+        # The reader's pixels are in [0, 1] already.
+        pixel_values = self.image_processor(crops, do_resize=False, do_rescale=False, return_tensors="pt")
+        targets = self.image_processor.encode_objects(objects, do_sequence_augmentation=True)
+        return {"pixel_values": list(pixel_values["pixel_values"]), **{key: list(v) for key, v in targets.items()}}
 
 
 def train_stream(split, transform, seed=0, shuffle_buffer_size=1000, batch_size=16):
