@@ -24,6 +24,9 @@ Run from the repository root (prints a markdown table, writes JSON and the profi
 
     .venv/bin/python -m benchmarks.bench_cpu --output benchmarks/bench_cpu.json
 
+On cores shared with other work, `--threads 1`: there, two intra-op threads that wait for each other slowed the
+decode loop 30-fold (benchmarks/RESULTS.md).
+
 `--smoke` runs every case with tiny models and tiny images in one child process, in seconds.
 """
 
@@ -246,8 +249,8 @@ def profile_decode_step(folder, images, step, output_path):
     processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
     inputs = processor(images, return_tensors="pt")
     model.generate(**inputs)  # warm-up: the profiled call is a steady one
-    # Profiler step k starts at decoder call k (call 1 is the prompt): the active window is the step that writes
-    # token `step + 2`, once `step + 1` tokens are in the cache.
+    # Profiler step k (k >= 1) starts at decoder call k, which writes new token k: after `step` waiting steps and one
+    # warm-up step, the active window is the step that writes token `step + 1`.
     window = schedule(wait=step, warmup=1, active=1, repeat=1)
     with profile(activities=[ProfilerActivity.CPU], schedule=window) as profiler:
         hook = model.model.decoder.register_forward_pre_hook(lambda *_: profiler.step())
