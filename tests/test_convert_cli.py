@@ -2,23 +2,16 @@
 classes, offline, and that reproduces the official model and serves the pipeline."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from testing_utils import TF_FIXTURES_DIR, require_shared
+from testing_utils import TF_FIXTURES_DIR, offline_env, require_shared, run_isolated
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-
-
-def offline_env(tmp_path):
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONDONTWRITEBYTECODE="1")
-    return env
 
 
 @pytest.fixture(scope="module", params=["vit", "resnet_c4_fullwidth"])
@@ -74,11 +67,10 @@ def test_another_process_loads_it_and_reproduces_the_official_model(converted_fo
     variant, folder = converted_folder
     script = textwrap.dedent(
         """
-        import importlib.util, json, sys
+        import json
         import numpy as np, PIL.Image, torch
         from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline
-        assert importlib.util.find_spec("modeling_pix2seq") is None, "the repository must not be importable here"
-        folder, reference = sys.argv[1], np.load(sys.argv[2])
+        folder, reference = FOLDER, np.load(sys.argv[2])
         model = AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True).eval()
         processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
         pixel_values = torch.from_numpy(reference["images"]).permute(0, 3, 1, 2)
@@ -100,16 +92,8 @@ def test_another_process_loads_it_and_reproduces_the_official_model(converted_fo
         """
     )
     reference = require_shared(TF_FIXTURES_DIR / f"{variant}_reference.npz")
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(folder), str(reference)],
-        cwd=tmp_path,
-        env=offline_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    stdout = run_isolated(script, folder, tmp_path, reference)
+    outputs = json.loads(stdout.strip().splitlines()[-1])
     assert outputs["logits_diff"] < 1e-4
     # The saved `use_grammar: false` is what `generate()` and the pipeline's path (`forward` -> `detect`) decode with.
     assert outputs["greedy"] == outputs["official"]

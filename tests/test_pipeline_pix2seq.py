@@ -6,16 +6,12 @@ threshold that is no number in [0, 1] is refused by name and an empty batch give
 
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from testing_utils import tiny_config
+from testing_utils import run_isolated, tiny_config
 from transformers import pipeline
 
 from image_processing_pix2seq import Pix2SeqImageProcessor
@@ -115,27 +111,13 @@ def test_thresholds_from_zero_to_one_are_accepted(detector, threshold):
 
 def test_the_saved_folder_builds_its_pipeline_in_a_fresh_offline_process(model_folder, tmp_path):
     path = dark_sixteen_bit_png(tmp_path / "dark.png")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONDONTWRITEBYTECODE="1")
-    script = textwrap.dedent(
-        """
-        import importlib.util, sys
-        assert importlib.util.find_spec("modeling_pix2seq") is None, "the repository must not be importable here"
+    script = """
         from transformers import pipeline
-        detector = pipeline("object-detection", model=sys.argv[1], trust_remote_code=True)
+        detector = pipeline("object-detection", model=FOLDER, trust_remote_code=True)
         print(type(detector).__name__, round(float(detector.preprocess(sys.argv[2])["pixel_values"].mean()), 3))
         print(detector([]))
         """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(model_folder), str(path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    name, mean = result.stdout.split()[:2]
+    stdout = run_isolated(script, model_folder, tmp_path, path)
+    name, mean = stdout.split()[:2]
     assert name == "Pix2SeqObjectDetectionPipeline" and float(mean) < 0.5
-    assert result.stdout.splitlines()[1] == "[]"
+    assert stdout.splitlines()[1] == "[]"

@@ -3,13 +3,9 @@ process that cannot import the repository, offline."""
 
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
-from testing_utils import tiny_config
+from testing_utils import run_isolated, tiny_config
 
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection
@@ -25,28 +21,6 @@ def model_folder(tmp_path_factory):
     model.save_pretrained(folder)
     Pix2SeqImageProcessor.from_model_config(model.config).save_pretrained(folder)
     return folder
-
-
-def run_isolated(script, folder, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONDONTWRITEBYTECODE="1")
-    prelude = textwrap.dedent(
-        """
-        import importlib.util, sys
-        assert importlib.util.find_spec("modeling_pix2seq") is None, "the repository must not be importable here"
-        FOLDER = sys.argv[1]
-        """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", prelude + textwrap.dedent(script), str(folder)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
 
 
 def test_saved_folder_holds_code_auto_map_and_no_tokenizer(model_folder):

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import PIL.Image
 import pytest
+import testing_utils
 import torch
 from safetensors.torch import load_file
-from testing_utils import unblocked_after
+from testing_utils import TINY_MODEL, unblocked_after
 
 import run_detection
 from image_processing_pix2seq import Pix2SeqImageProcessor
@@ -41,36 +42,11 @@ from training.training_safety import (
 
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_MODEL = (
-    "image_size=64,num_bins=48,d_model=32,encoder_layers=1,decoder_layers=1,encoder_attention_heads=4,"
-    "decoder_attention_heads=4,encoder_ffn_dim=64,decoder_ffn_dim=64"
-)
 
 
 def tiny_run_args(output_dir, *extra):
-    return [
-        "--output_dir",
-        str(output_dir),
-        "--config_overrides",
-        TINY_MODEL,
-        "--per_device_train_batch_size",
-        "4",
-        "--per_device_eval_batch_size",
-        "3",
-        "--synthetic_eval_images",
-        "1",
-        "--logging_steps",
-        "1",
-        "--dataloader_num_workers",
-        "0",
-        "--num_prediction_images",
-        "0",
-        "--disable_tqdm",
-        "true",
-        "--shuffle_buffer_size",
-        "8",
-        *extra,
-    ]
+    # One evaluation image and no prediction drawings keep these many short runs fast.
+    return testing_utils.tiny_run_args(output_dir, *extra, synthetic_eval_images=1, num_prediction_images=0)
 
 
 def write_coco(folder, num_images=6):

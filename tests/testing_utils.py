@@ -8,6 +8,9 @@ import copy
 import functools
 import json
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -162,7 +165,8 @@ TINY_MODEL = (
 )
 
 
-def tiny_run_args(output_dir, *extra):
+def tiny_run_args(output_dir, *extra, synthetic_eval_images=5, num_prediction_images=2):
+    """Command-line arguments of a tiny `run_detection.py` run into `output_dir`, then `extra`."""
     return [
         "--output_dir",
         str(output_dir),
@@ -173,13 +177,13 @@ def tiny_run_args(output_dir, *extra):
         "--per_device_eval_batch_size",
         "3",
         "--synthetic_eval_images",
-        "5",
+        str(synthetic_eval_images),
         "--logging_steps",
         "1",
         "--dataloader_num_workers",
         "0",
         "--num_prediction_images",
-        "2",
+        str(num_prediction_images),
         "--disable_tqdm",
         "true",
         "--shuffle_buffer_size",
@@ -208,3 +212,34 @@ def cpu_compile_config(backend):
     compile_config = CompileConfig(fullgraph=True, backend=backend, mode=None if backend != "inductor" else "default")
     compile_config._compile_all_devices = True
     return compile_config
+
+
+def offline_env(tmp_path):
+    """The environment of a fresh process that cannot import the repository and reaches no Hub."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
+def run_isolated(script, folder, tmp_path, *args):
+    """
+    Runs `script` in a fresh Python process in `tmp_path`, where only a saved model folder's own code can be used
+    (`FOLDER`, also `sys.argv[1]`; `args` follow it in `sys.argv`), and returns what it printed.
+    """
+    prelude = textwrap.dedent(
+        """
+        import importlib.util, sys
+        assert importlib.util.find_spec("modeling_pix2seq") is None, "the repository must not be importable here"
+        FOLDER = sys.argv[1]
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(script), str(folder), *map(str, args)],
+        cwd=tmp_path,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
