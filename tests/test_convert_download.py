@@ -7,14 +7,11 @@ import re
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from testing_utils import TF_FIXTURES_DIR, require_shared
+from testing_utils import TF_FIXTURES_DIR, assert_official_parity, require_shared
 
 import convert_pix2seq_tf_checkpoint as converter
 from conversion.bucket_download import BucketFolder, DownloadError
-from modeling_pix2seq import Pix2SeqForObjectDetection
 
 
 VARIANT = "vit"
@@ -112,14 +109,7 @@ def test_a_bucket_folder_converts_in_one_command_and_a_second_run_downloads_noth
     convert_from(bucket, tmp_path)
     names = [path.rsplit("/", 1)[-1] for path, _ in bucket.requests]
     assert sorted(names) == sorted(["config.json", "checkpoint", "ckpt-1.index", SHARD])  # no listing needed
-    reference = np.load(require_shared(TF_FIXTURES_DIR / f"{VARIANT}_reference.npz"))
-    model = Pix2SeqForObjectDetection.from_pretrained(tmp_path / "out").eval()
-    pixel_values = torch.from_numpy(reference["images"]).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        logits = model(pixel_values=pixel_values, decoder_input_ids=torch.from_numpy(reference["seq"])).logits
-        greedy = model.generate(pixel_values=pixel_values, do_sample=False, max_new_tokens=10)
-    assert float((logits - torch.from_numpy(reference["logits"])).abs().max()) < 1e-4
-    assert torch.equal(greedy[:, 1:], torch.from_numpy(reference["pred_seq"]))
+    model = assert_official_parity(tmp_path / "out", VARIANT)
     assert f"`{URL}/ckpt-1`" in (tmp_path / "out" / "README.md").read_text()
     assert model.config.id2label[1] == "person"
     bucket.requests.clear()

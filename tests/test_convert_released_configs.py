@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import SHARED_DIR, TF_FIXTURES_DIR, require_shared
+from testing_utils import SHARED_DIR, TF_FIXTURES_DIR, assert_official_parity, require_shared
 
 from convert_pix2seq_tf_checkpoint import (
     COCO_CATEGORY_NAMES,
@@ -25,7 +25,6 @@ from convert_pix2seq_tf_checkpoint import (
     meta_model,
     released_family,
 )
-from modeling_pix2seq import Pix2SeqForObjectDetection
 
 
 RELEASED_DIR = TF_FIXTURES_DIR / "released_configs_2022"
@@ -155,27 +154,12 @@ def copy_checkpoint(variant, destination, config):
     return destination
 
 
-def assert_parity(output_dir, variant):
-    """The saved folder reproduces the official logits to 1e-4 and the official greedy tokens."""
-    import numpy as np
-
-    reference = np.load(require_shared(TF_FIXTURES_DIR / f"{variant}_reference.npz"))
-    model = Pix2SeqForObjectDetection.from_pretrained(output_dir).eval()
-    pixel_values = torch.from_numpy(reference["images"]).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        logits = model(pixel_values=pixel_values, decoder_input_ids=torch.from_numpy(reference["seq"])).logits
-        greedy = model.generate(pixel_values=pixel_values, do_sample=False, max_new_tokens=10)
-    assert float((logits - torch.from_numpy(reference["logits"])).abs().max()) < 1e-4
-    assert torch.equal(greedy[:, 1:], torch.from_numpy(reference["pred_seq"]))
-    return model
-
-
 @pytest.mark.parametrize("variant", ["vit", "resnet_c4_fullwidth"])
 def test_a_fixture_converts_from_its_2022_config_with_no_flag(variant, tmp_path):
     released = json.loads(require_shared(TF_FIXTURES_DIR / variant / "config_2022.json").read_text())
     folder = copy_checkpoint(variant, tmp_path / variant, released)
     convert(folder, tmp_path / "out")
-    model = assert_parity(tmp_path / "out", variant)
+    model = assert_official_parity(tmp_path / "out", variant)
     assert model.config.id2label == COCO_CATEGORY_NAMES
 
 
@@ -197,7 +181,7 @@ def test_an_objects365_fixture_converts_with_numbered_labels(tmp_path, caplog):
         convert(folder, tmp_path / "out")
     said = [record for record in caplog.records if "task.vocab_id" in record.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.INFO and "the official 10" in said[0].getMessage()
-    model = assert_parity(tmp_path / "out", "vit")
+    model = assert_official_parity(tmp_path / "out", "vit")
     assert model.config.id2label == {index: f"LABEL_{index}" for index in range(1, 366)}
     assert "Objects365" in (tmp_path / "out" / "README.md").read_text()
 

@@ -14,6 +14,7 @@ import textwrap
 import threading
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -243,3 +244,19 @@ def run_isolated(script, folder, tmp_path, *args):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
+
+
+def assert_official_parity(output_dir, variant):
+    """
+    The model saved in `output_dir` reproduces the official logits of fixture `variant` to 1e-4 and its greedy
+    tokens; returns the model.
+    """
+    reference = np.load(require_shared(TF_FIXTURES_DIR / f"{variant}_reference.npz"))
+    model = Pix2SeqForObjectDetection.from_pretrained(output_dir).eval()
+    pixel_values = torch.from_numpy(reference["images"]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        logits = model(pixel_values=pixel_values, decoder_input_ids=torch.from_numpy(reference["seq"])).logits
+        greedy = model.generate(pixel_values=pixel_values, do_sample=False, max_new_tokens=10)
+    assert float((logits - torch.from_numpy(reference["logits"])).abs().max()) < 1e-4
+    assert torch.equal(greedy[:, 1:], torch.from_numpy(reference["pred_seq"]))
+    return model
