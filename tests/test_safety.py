@@ -8,22 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import tiny_config
+from testing_utils import REMOTE_CODE_FILES, tiny_config
 from transformers import AutoModelForObjectDetection
 
 from modeling_pix2seq import Pix2SeqForObjectDetection
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-REMOTE_CODE_FILES = [
-    "configuration_pix2seq.py",
-    "modeling_pix2seq.py",
-    "image_processing_pix2seq.py",
-    "tokenization_pix2seq.py",
-    "tokenization_pix2seq_multitask.py",
-    "pipeline_pix2seq.py",
-    "generation_pix2seq.py",
-]
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import PIL.Image
 import torch
+from testing_utils import REMOTE_CODE_FILES
 from transformers import pipeline
 
 from image_processing_pix2seq import Pix2SeqImageProcessor
@@ -18,14 +19,6 @@ from modeling_pix2seq import Pix2SeqForObjectDetection
 # the folder is loaded with this repository's classes.
 FOLDER = Path(__file__).parent / "fixtures" / "saved_d618524"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-REMOTE_CODE_FILES = [
-    "configuration_pix2seq.py",
-    "modeling_pix2seq.py",
-    "generation_pix2seq.py",
-    "tokenization_pix2seq.py",
-    "image_processing_pix2seq.py",
-    "pipeline_pix2seq.py",
-]
 EXPECTED = json.loads((FOLDER / "expected_outputs.json").read_text())
 
 

@@ -29,6 +29,16 @@ from modeling_pix2seq import Pix2SeqForObjectDetection
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 TF_FIXTURES_DIR = SHARED_DIR / "reference" / "pix2seq_tf_fixtures"
 BCCD_DIR = SHARED_DIR / "data" / "bccd"
+# The files that travel with a model folder as remote code.
+REMOTE_CODE_FILES = [
+    "configuration_pix2seq.py",
+    "modeling_pix2seq.py",
+    "image_processing_pix2seq.py",
+    "tokenization_pix2seq.py",
+    "tokenization_pix2seq_multitask.py",
+    "pipeline_pix2seq.py",
+    "generation_pix2seq.py",
+]
 
 
 def require_shared(path):
