@@ -42,7 +42,7 @@ from conversion.tf_checkpoint_reader import (
     latest_checkpoint_name,
     open_regular_file,
 )
-from image_processing_pix2seq import Pix2SeqImageProcessor
+from image_processing_pix2seq import MAX_CANVAS_SIDE, Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection
 
 
@@ -263,9 +263,6 @@ DETECTION_TASK = "object_detection"
 # The detection prompt of every released checkpoint; the 2022 release's files may lack `task.vocab_id`, which both
 # official colabs set to this value before use.
 DEFAULT_DETECTION_PROMPT = 10
-# Three times the largest released canvas (1333): a larger `image_size` is a typo or worse (the pipeline would
-# allocate its canvas), and the weights cannot show the size the model was trained at.
-MAX_IMAGE_SIZE = 4096
 MAX_JSON_FILE_SIZE = 16 << 20
 # The official model's settings that are numbers of things, checked to be positive integers.
 INTEGER_SETTINGS = (
@@ -449,7 +446,10 @@ def official_settings(official_config, source="config.json"):
 
 
 def official_image_size(model, source="config.json"):
-    """`model.image_size` as one side: an int or `[h, w]` with h == w, within `MAX_IMAGE_SIZE`."""
+    """
+    `model.image_size` as one side: an int or `[h, w]` with h == w, within the processor's `MAX_CANVAS_SIDE` (the
+    weights cannot show the size the model was trained at, and the converted folder's processor refuses a larger one).
+    """
     size = model.get("image_size")
     sides = [size] if isinstance(size, int) else size
     if (
@@ -460,9 +460,9 @@ def official_image_size(model, source="config.json"):
         raise ConversionError(f"{source}: model.image_size={size!r} is neither an int nor [height, width].")
     if len(set(sides)) != 1:
         raise ConversionError(f"{source}: model.image_size={size!r}: only square official image sizes convert.")
-    if not 1 <= sides[0] <= MAX_IMAGE_SIZE:
+    if not 1 <= sides[0] <= MAX_CANVAS_SIDE:
         raise ConversionError(
-            f"{source}: model.image_size={size!r} is outside 1..{MAX_IMAGE_SIZE} px (the released checkpoints use "
+            f"{source}: model.image_size={size!r} is outside 1..{MAX_CANVAS_SIDE} px (the released checkpoints use "
             "640 to 1333)."
         )
     return sides[0]
