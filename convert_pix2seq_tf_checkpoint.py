@@ -410,6 +410,10 @@ def read_json_file(path, what):
         return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ConversionError(f"{what} {path} is not valid JSON ({error}).") from None
+    except RecursionError:
+        raise ConversionError(
+            f"{what} {path} is JSON nested too deeply to read (more than about 1000 levels)."
+        ) from None
 
 
 def read_official_config(path):

@@ -321,6 +321,7 @@ def test_the_checkpoint_folder_is_never_the_output(capsys, folder, tmp_path):
         ("", "is not valid JSON"),
         ("[1, 2]", "is not an official Pix2Seq run configuration"),
         ('{"task": {}}', "is not an official Pix2Seq run configuration"),
+        ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
     ],
 )
 def test_a_config_that_is_not_a_run_configuration_is_refused_naming_the_file(
