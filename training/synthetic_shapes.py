@@ -23,9 +23,13 @@ def _background(rng, size):
     corners = np.array([[rng.randint(0, 255) for _ in range(3)] for _ in range(2)], dtype=np.float32)
     ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
     weight = (ramp[:, None] if rng.random() < 0.5 else ramp[None, :])[..., None]
-    pixels = corners[0] * (1 - weight) + corners[1] * weight + np.zeros((size, size, 1), dtype=np.float32)
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, 12.0, (size, size, 3))
-    image = PIL.Image.fromarray((pixels + noise).clip(0, 255).astype(np.uint8))
+    # The gradient is one row (or column) broadcast over the noise, and the noise is `normal(0, 12)` written as
+    # 12 * standard normal, in place: the same numbers (and pixels) as the full-size arrays, at a third of the cost.
+    gradient = corners[0] * (1 - weight) + corners[1] * weight
+    pixels = np.random.default_rng(rng.getrandbits(32)).standard_normal((size, size, 3))
+    pixels *= 12.0
+    pixels += gradient
+    image = PIL.Image.fromarray(np.clip(pixels, 0, 255, out=pixels).astype(np.uint8))
     draw = PIL.ImageDraw.Draw(image)
     for _ in range(rng.randint(2, 6)):
         points = [(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(2)]
