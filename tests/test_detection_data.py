@@ -1,3 +1,4 @@
+import hashlib
 import io
 import json
 import logging
@@ -10,6 +11,7 @@ import pytest
 import torch
 from testing_utils import write_coco
 
+import training.detection_data
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from tokenization_pix2seq import Pix2SeqTokenizer
 from training.detection_data import (
@@ -180,6 +182,51 @@ def test_synthetic_images_are_deterministic_and_held_out_ones_never_trained_on()
     )
     train = synthetic_split(True, 12, world_size=2)
     assert sorted(row["image_id"] for row in train.dataset) == list(range(12))
+
+
+# The pixels, boxes and labels of synthetic images 0-99 and of the first 20 held-out ones, as drawn when the demo's
+# figures in benchmarks/RESULTS.md were measured. A change of the drawing changes what the demo learns and how it
+# scores: its learning curve must then be measured again, and this digest updated with it.
+SYNTHETIC_IMAGES_SHA256 = "c36a55abc50288f15e031db34d5cb439a68027ea0351aa25e20e9eff1033f6ab"
+
+
+def test_synthetic_images_are_the_ones_the_demo_figures_were_measured_on():
+    digest = hashlib.sha256()
+    for index in [*range(100), *range(EVAL_INDEX_OFFSET, EVAL_INDEX_OFFSET + 20)]:
+        image, boxes, labels = draw_example(index)
+        digest.update(np.asarray(image).tobytes())
+        digest.update(repr((boxes, labels)).encode())
+    assert digest.hexdigest() == SYNTHETIC_IMAGES_SHA256
+
+
+def demo_examples(count=40):
+    """The first transformed examples of the demo's training stream (96 px, no jitter), seeded."""
+    torch.manual_seed(0)
+    codec = Pix2SeqTokenizer(class_ids=range(4), num_bins=48, max_instances=6, eos_mode=True).to_dict()
+    transform = TrainTransform(
+        Pix2SeqImageProcessor(size={"longest_edge": 96}, codec=codec), TrainAugmentation(96, 1.0, 1.0), ImageReader()
+    )
+    stream = train_stream(synthetic_split(True, 100), transform, batch_size=8)
+    return [example for _, example in zip(range(count), stream)]
+
+
+def test_demo_stream_gives_the_examples_it_gave_with_png_records(monkeypatch):
+    examples = demo_examples()
+    # The records as they were: the PIL image itself, which the `Image()` feature stores as PNG.
+    monkeypatch.setattr(training.detection_data, "_raw_image_bytes", lambda image: image)
+    assert synthetic_split(True, 1).dataset.features["image"] == datasets.Image(decode=False)
+    for example, png_example in zip(examples, demo_examples(), strict=True):
+        for key, value in png_example.items():
+            torch.testing.assert_close(example[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_synthetic_evaluation_records_decode_to_the_drawn_pixels():
+    reader = ImageReader()
+    for row in synthetic_split(False, 4).dataset:
+        drawn, boxes, labels = draw_example(row["image_id"])
+        assert torch.equal(reader(row["image"]), reader(datasets.Image().encode_example(drawn)))
+        assert row["objects"]["category"] == labels
+        np.testing.assert_allclose(row["objects"]["bbox"], boxes, rtol=1e-6)
 
 
 def hub_stand_in(tmp_path, boxes, fmt_name="cppe"):
