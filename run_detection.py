@@ -717,6 +717,27 @@ def check_training_data(split, reader):
     )
 
 
+@contextlib.contextmanager
+def threads_beside_workers(training_args):
+    """
+    On a CPU, this process's intra-op threads and its DataLoader workers share the cores: while the run lasts, the
+    process keeps `torch.get_num_threads()` minus the workers (at least 1), unless `OMP_NUM_THREADS` sets the count.
+    Oversubscribed, the threads of one operator wait for each other at every barrier, behind a worker that holds
+    their core: on the 2-core demo machine, 2 threads and a worker trained slower than 1 thread and a worker
+    (benchmarks/RESULTS.md).
+    """
+    threads = torch.get_num_threads()
+    workers = training_args.dataloader_num_workers
+    if not training_args.use_cpu or not workers or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    torch.set_num_threads(max(1, threads - workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def coco_boxes(predictions):
     """The boundary to COCO: the detections with `[x, y, w, h]` boxes instead of `(x_min, y_min, x_max, y_max)`."""
     return [dict(p, boxes=[[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in p["boxes"]]) for p in predictions]
@@ -764,7 +785,7 @@ def main(argv=None):
 
     # Only the first process writes results and models, so only it holds the folder.
     lock = OutputDirLock(training_args.output_dir) if training_args.process_index == 0 else contextlib.nullcontext()
-    with lock:
+    with lock, threads_beside_workers(training_args):
         if training_args.process_index == 0:
             done = finish_interrupted_save(training_args.output_dir)
             if done:

@@ -4,13 +4,15 @@ repository, measured in one run: each repetition is a fresh process that runs th
 configures it (model, batch 32, bf16 where the CPU has it, DataLoader worker, data stream), for `--warmup` + `--steps`
 optimizer steps, alternating between the trees (A B A B) so that a busy machine slows both alike. Images per second
 are counted over the `--steps` steps after the warm-up; CPU time per image adds the main process and its DataLoader
-workers (less sensitive than wall time to other jobs on the machine). Prints a table and writes JSON.
+workers (with one intra-op thread, a measure of the work that other jobs on the machine change little; threads that
+spin while waiting for each other inflate it). Prints a table and writes JSON, with the load average.
 
     git worktree add /tmp/old-checkout <commit>     # or: mkdir /tmp/old && git archive <commit> | tar -x -C /tmp/old
     .venv/bin/python -m benchmarks.bench_train_cpu --before /tmp/old-checkout --after . --rounds 2
 
-On cores shared with other jobs, `--threads 1`: two intra-op threads that wait for each other slow down many times
-under such load (benchmarks/RESULTS.md). `--args` adds `run_detection.py` options to both trees' runs (e.g. `--args="--dataloader_num_workers 0"`);
+`--threads N` sets `OMP_NUM_THREADS` for both trees' runs (`--before_threads`, `--after_threads` for one): on cores
+shared with other jobs, two intra-op threads that wait for each other slow down many times (benchmarks/RESULTS.md).
+`--args` adds `run_detection.py` options to both trees' runs (e.g. `--args="--dataloader_num_workers 0"`);
 `--before_args` and `--after_args` to one of them, to compare two settings of the same tree.
 """
 
@@ -36,9 +38,7 @@ import run_detection
 
 import torch
 
-warmup, steps, output_dir, threads = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-if threads:
-    torch.set_num_threads(threads)
+warmup, steps, output_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 
 
 def cpu_seconds():
@@ -55,10 +55,12 @@ def cpu_seconds():
 
 class StepTimer(TrainerCallback):
     marks = {}
+    threads = None
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in (warmup, warmup + steps):
             self.marks[state.global_step] = (time.perf_counter(), cpu_seconds(), os.getloadavg()[0])
+            StepTimer.threads = torch.get_num_threads()
 
 
 original_init = run_detection.DetectionTrainer.__init__
@@ -72,7 +74,7 @@ def init_with_timer(self, *args, **kwargs):
 run_detection.DetectionTrainer.__init__ = init_with_timer
 trainer = run_detection.main(
     ["--output_dir", output_dir, "--do_train", "--max_steps", str(warmup + steps), "--save_strategy", "no",
-     "--report_to", "none", "--logging_steps", str(warmup + steps), "--log_level", "warning"] + sys.argv[5:]
+     "--report_to", "none", "--logging_steps", str(warmup + steps), "--log_level", "warning"] + sys.argv[4:]
 )
 (start, cpu_start, load_start), (end, cpu_end, load_end) = StepTimer.marks[warmup], StepTimer.marks[warmup + steps]
 images = steps * trainer.args.per_device_train_batch_size
@@ -80,7 +82,7 @@ print(json.dumps({
     "images_per_second": images / (end - start),
     "cpu_ms_per_image": (cpu_end - cpu_start) / images * 1e3,
     "load_average": [load_start, load_end],
-    "threads": torch.get_num_threads(),
+    "threads": StepTimer.threads,
 }))
 """
 
@@ -88,8 +90,10 @@ print(json.dumps({
 def run_once(tree, warmup, steps, threads, extra_args):
     with tempfile.TemporaryDirectory() as output_dir:
         environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        if threads:
+            environment["OMP_NUM_THREADS"] = str(threads)
         completed = subprocess.run(
-            [sys.executable, "-c", WORKER, str(warmup), str(steps), output_dir, str(threads), *extra_args],
+            [sys.executable, "-c", WORKER, str(warmup), str(steps), output_dir, *extra_args],
             cwd=tree,
             capture_output=True,
             text=True,
@@ -107,12 +111,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=5, help="optimizer steps run before timing starts")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps timed (32 images each)")
     parser.add_argument("--rounds", type=int, default=2, help="A B repetitions, each a fresh process")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch intra-op threads of the training process (0: torch's default, as the demo runs)",
-    )
+    for prefix, whose in (("", "both trees'"), ("before_", "tree A's"), ("after_", "tree B's")):
+        parser.add_argument(
+            f"--{prefix}threads",
+            type=int,
+            default=0,
+            help=f"OMP_NUM_THREADS of {whose} training processes (0: unset, the tree's own choice, as the demo runs)",
+        )
     parser.add_argument("--args", default="", help="run_detection.py options for both trees' runs")
     parser.add_argument("--before_args", default="", help="run_detection.py options for tree A only")
     parser.add_argument("--after_args", default="", help="run_detection.py options for tree B only")
@@ -123,18 +128,19 @@ def main():
             sys.exit(f"bench_train_cpu: {tree} holds no run_detection.py (expected a source tree of this repository)")
 
     arms = {
-        "before": (args.before, shlex.split(args.args) + shlex.split(args.before_args)),
-        "after": (args.after, shlex.split(args.args) + shlex.split(args.after_args)),
+        "before": (args.before, args.before_threads or args.threads, shlex.split(args.args + " " + args.before_args)),
+        "after": (args.after, args.after_threads or args.threads, shlex.split(args.args + " " + args.after_args)),
     }
     runs = {name: [] for name in arms}
     started = time.time()
     for round_index in range(args.rounds):
-        for name, (tree, extra_args) in arms.items():
-            result = run_once(tree, args.warmup, args.steps, args.threads, extra_args)
+        for name, (tree, threads, extra_args) in arms.items():
+            result = run_once(tree, args.warmup, args.steps, threads, extra_args)
             runs[name].append(result)
             print(
                 f"round {round_index + 1} {name:6s}: {result['images_per_second']:6.1f} img/s, "
-                f"{result['cpu_ms_per_image']:5.2f} CPU ms/img, load {result['load_average'][0]:.2f}",
+                f"{result['cpu_ms_per_image']:5.2f} CPU ms/img, {result['threads']} threads, "
+                f"load {result['load_average'][0]:.2f}",
                 flush=True,
             )
 
@@ -146,11 +152,12 @@ def main():
         for name, results in runs.items()
     }
     ratio = summary["after"]["median_images_per_second"] / summary["before"]["median_images_per_second"]
-    print("\n| tree | img/s (median) | CPU ms per image (median) | runs |")
-    print("| --- | ---: | ---: | ---: |")
+    print("\n| tree | threads | img/s (median) | CPU ms per image (median) | runs |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for name, values in summary.items():
+        tree, _, extra_args = arms[name]
         print(
-            f"| {name} ({arms[name][0]}{' ' + ' '.join(arms[name][1]) if arms[name][1] else ''}) "
+            f"| {name} ({' '.join([tree, *extra_args])}) | {runs[name][0]['threads']} "
             f"| {values['median_images_per_second']:.1f} | {values['median_cpu_ms_per_image']:.2f} | {args.rounds} |"
         )
     print(f"\nafter / before: x{ratio:.3f} images per second")
