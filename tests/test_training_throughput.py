@@ -1,7 +1,11 @@
+from types import SimpleNamespace
+
+import pytest
 import torch
 from testing_utils import Pix2SeqModelTester
 
 from modeling_pix2seq import Pix2SeqForObjectDetection
+from run_detection import threads_beside_workers
 
 
 TESTER = Pix2SeqModelTester(dropout=0.0, drop_path_rate=0.0)
@@ -28,3 +32,29 @@ def test_channels_last_backbone_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(channels_last_loss, loss)
     for name, gradient in gradients.items():
         torch.testing.assert_close(channels_last_gradients[name], gradient, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "workers, environment, expected",
+    [(1, {}, 2), (2, {}, 1), (5, {}, 1), (0, {}, 3), (1, {"OMP_NUM_THREADS": "3"}, 3)],
+)
+def test_cpu_training_leaves_a_core_to_each_dataloader_worker(monkeypatch, workers, environment, expected):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    args = SimpleNamespace(use_cpu=True, dataloader_num_workers=workers)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with threads_beside_workers(args):
+            assert torch.get_num_threads() == expected
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_gpu_training_keeps_its_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    with threads_beside_workers(SimpleNamespace(use_cpu=False, dataloader_num_workers=4)):
+        assert torch.get_num_threads() == threads
