@@ -723,8 +723,8 @@ def threads_beside_workers(training_args):
     On a CPU, this process's intra-op threads and its DataLoader workers share the cores: while the run lasts, the
     process keeps `torch.get_num_threads()` minus the workers (at least 1), unless `OMP_NUM_THREADS` sets the count.
     Oversubscribed, the threads of one operator wait for each other at every barrier, behind a worker that holds
-    their core: on the 2-core demo machine, 2 threads and a worker trained slower than 1 thread and a worker
-    (benchmarks/RESULTS.md).
+    their core: on the 2-core demo machine, shared with other jobs, 2 threads and a worker trained many times slower
+    than 1 thread and a worker (benchmarks/RESULTS.md).
     """
     threads = torch.get_num_threads()
     workers = training_args.dataloader_num_workers

@@ -24,7 +24,7 @@ def _background(rng, size):
     ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
     weight = (ramp[:, None] if rng.random() < 0.5 else ramp[None, :])[..., None]
     # The gradient is one row (or column) broadcast over the noise, and the noise is `normal(0, 12)` written as
-    # 12 * standard normal, in place: the same numbers (and pixels) as the full-size arrays, at a third of the cost.
+    # 12 * standard normal, in place: the same numbers (and pixels) as full-size arrays, without their copies.
     gradient = corners[0] * (1 - weight) + corners[1] * weight
     pixels = np.random.default_rng(rng.getrandbits(32)).standard_normal((size, size, 3))
     pixels *= 12.0
