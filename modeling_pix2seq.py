@@ -127,10 +127,42 @@ class Pix2SeqAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
+    def fused_qkv_projection(self):
+        """
+        The query, key and value projections stacked into one `(3 * D, D)` weight and `(3 * D,)` bias, for decoding:
+        one matrix product per step instead of three (the same numbers). Built on first use and rebuilt whenever a
+        projection's parameters change (loading, `to()`, an optimizer step); the saved parameters stay the three.
+        """
+        parameters = (
+            self.q_proj.weight,
+            self.k_proj.weight,
+            self.v_proj.weight,
+            self.q_proj.bias,
+            self.k_proj.bias,
+            self.v_proj.bias,
+        )
+        version = tuple((parameter.data_ptr(), parameter._version) for parameter in parameters)
+        if getattr(self, "_fused_qkv_version", None) != version:
+            self._fused_qkv = (torch.cat(parameters[:3]), torch.cat(parameters[3:]))
+            self._fused_qkv_version = version
+        return self._fused_qkv
+
     def forward(self, hidden_states, key_value_states=None, attention_mask=None, cache=None):
         batch_size, length, _ = hidden_states.shape  # (B, T, D)
-        query = self.q_proj(hidden_states).view(batch_size, length, -1, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         is_cross = key_value_states is not None
+        # Decoding (a cached causal self-attention, no gradients, not traced by torch.compile) projects the new
+        # tokens' queries, keys and values in one product: per step, the fewer and larger kernels are what counts.
+        fused = (
+            cache is not None and not is_cross and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        )
+        if fused:
+            query, key, value = (
+                nn.functional.linear(hidden_states, *self.fused_qkv_projection())
+                .view(batch_size, length, 3, -1, self.head_dim)
+                .permute(2, 0, 3, 1, 4)
+            )  # 3 x (B, H, T, d)
+        else:
+            query = self.q_proj(hidden_states).view(batch_size, length, -1, self.head_dim).transpose(1, 2)
         layer_cache = None
         if cache is not None:
             layer_cache = cache.cross_attention_cache if is_cross else cache.self_attention_cache
@@ -138,9 +170,10 @@ class Pix2SeqAttention(nn.Module):
             # The image does not change during generation: its keys/values are projected once per image.
             key, value = layer_cache.layers[self.layer_idx].keys, layer_cache.layers[self.layer_idx].values
         else:
-            source = key_value_states if is_cross else hidden_states
-            key = self.k_proj(source).view(batch_size, source.shape[1], -1, self.head_dim).transpose(1, 2)
-            value = self.v_proj(source).view(batch_size, source.shape[1], -1, self.head_dim).transpose(1, 2)
+            if not fused:
+                source = key_value_states if is_cross else hidden_states
+                key = self.k_proj(source).view(batch_size, source.shape[1], -1, self.head_dim).transpose(1, 2)
+                value = self.v_proj(source).view(batch_size, source.shape[1], -1, self.head_dim).transpose(1, 2)
             if layer_cache is not None:
                 key, value = layer_cache.update(key, value, self.layer_idx)
                 if is_cross:
@@ -709,7 +742,7 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         check_generation_length(generation_config, self.config)
         if use_grammar is None:
             use_grammar = getattr(generation_config, "use_grammar", True)
-        if can_generate_static(generation_config, logits_processor, kwargs):
+        if can_generate_static(generation_config, logits_processor, kwargs, self.device):
             return generate_static(self, pixel_values, generation_config, use_grammar)
         processors = LogitsProcessorList(decoding_processors(self.config, generation_config, use_grammar))
         processors.extend(logits_processor or [])
