@@ -9,6 +9,8 @@ for `cache_implementation="static"` and nothing that loop does not do. Both path
 model config's vocabulary layout; neither knows what a box is.
 """
 
+import contextlib
+
 import torch
 from transformers import CompileConfig
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
@@ -258,21 +260,29 @@ def generate_static(model, pixel_values, generation_config, use_grammar):
         logits = torch.empty(batch_size, max_new_tokens, config.vocab_size, device=device)
     compiled = model._valid_auto_compile_criteria({"cache": cache}, generation_config)
     step_fn = decode_step
-    for step in range(max_new_tokens):
-        if step == 1 and compiled:
-            # The first step allocates the cache and projects the image keys/values: it stays eager.
-            step_fn = _compiled_decode_step(model, generation_config.compile_config)
-        if compiled:
-            torch.compiler.cudagraph_mark_step_begin()
-        next_tokens, step_logits = step_fn(
-            model, sequences[:, step : step + 1], encoder_hidden_states, cache, blocked[step % 5], finished, **sampling
-        )
-        sequences[:, step + 1] = next_tokens
-        if logits is not None:
-            logits[:, step] = step_logits
-        # With the grammar, EOS can only start an object: the only steps worth a host sync.
-        if can_end and (step % 5 == 0 or not use_grammar) and bool(finished.all()):
-            break
+    # A compiled step fuses kernels its own way.
+    with contextlib.nullcontext() if compiled else model.model.decoder.fused_qkv_projections():
+        for step in range(max_new_tokens):
+            if step == 1 and compiled:
+                # The first step allocates the cache and projects the image keys/values: it stays eager.
+                step_fn = _compiled_decode_step(model, generation_config.compile_config)
+            if compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            next_tokens, step_logits = step_fn(
+                model,
+                sequences[:, step : step + 1],
+                encoder_hidden_states,
+                cache,
+                blocked[step % 5],
+                finished,
+                **sampling,
+            )
+            sequences[:, step + 1] = next_tokens
+            if logits is not None:
+                logits[:, step] = step_logits
+            # With the grammar, EOS can only start an object: the only steps worth a host sync.
+            if can_end and (step % 5 == 0 or not use_grammar) and bool(finished.all()):
+                break
     sequences = sequences[:, : step + 2]
     if not generation_config.return_dict_in_generate:
         return sequences

@@ -8,6 +8,7 @@ a box: `Pix2SeqImageProcessor` turns annotations into token targets and generate
 decoding rules live in `generation_pix2seq.py`.
 """
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -126,38 +127,17 @@ class Pix2SeqAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, hidden_size)
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
-
-    def fused_qkv_projection(self):
-        """
-        The query, key and value projections stacked into one `(3 * D, D)` weight and `(3 * D,)` bias, for decoding:
-        one matrix product per step instead of three (the same numbers). Built on first use and rebuilt whenever a
-        projection's parameters change (loading, `to()`, an optimizer step); the saved parameters stay the three.
-        """
-        parameters = (
-            self.q_proj.weight,
-            self.k_proj.weight,
-            self.v_proj.weight,
-            self.q_proj.bias,
-            self.k_proj.bias,
-            self.v_proj.bias,
-        )
-        version = tuple((parameter.data_ptr(), parameter._version) for parameter in parameters)
-        if getattr(self, "_fused_qkv_version", None) != version:
-            self._fused_qkv = (torch.cat(parameters[:3]), torch.cat(parameters[3:]))
-            self._fused_qkv_version = version
-        return self._fused_qkv
+        # `(weight, bias)` of the query, key and value projections stacked, set by
+        # `Pix2SeqDecoder.fused_qkv_projections` for the length of a decoding call.
+        self.fused_qkv = None
 
     def forward(self, hidden_states, key_value_states=None, attention_mask=None, cache=None):
         batch_size, length, _ = hidden_states.shape  # (B, T, D)
         is_cross = key_value_states is not None
-        # Decoding (a cached causal self-attention, no gradients, not traced by torch.compile) projects the new
-        # tokens' queries, keys and values in one product: per step, the fewer and larger kernels are what counts.
-        fused = (
-            cache is not None and not is_cross and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        )
+        fused = self.fused_qkv is not None and not is_cross
         if fused:
             query, key, value = (
-                nn.functional.linear(hidden_states, *self.fused_qkv_projection())
+                nn.functional.linear(hidden_states, *self.fused_qkv)
                 .view(batch_size, length, 3, -1, self.head_dim)
                 .permute(2, 0, 3, 1, 4)
             )  # 3 x (B, H, T, d)
@@ -483,6 +463,27 @@ class Pix2SeqDecoder(nn.Module):
         )
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
+    @contextlib.contextmanager
+    def fused_qkv_projections(self):
+        """
+        Within, each self-attention projects its queries, keys and values in one matrix product instead of three
+        (the same numbers): a decoding step is dominated by per-kernel costs, so fewer, larger kernels are faster.
+        The stacked weights are built on entry and dropped on exit, so that they never outlive a change of the
+        weights; the saved parameters stay the three projections.
+        """
+        attentions = [layer.self_attn for layer in self.layers if isinstance(layer.self_attn.q_proj, nn.Linear)]
+        for attention in attentions:
+            projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+            attention.fused_qkv = (
+                torch.cat([projection.weight for projection in projections]),  # (3 * D, D)
+                torch.cat([projection.bias for projection in projections]),
+            )
+        try:
+            yield
+        finally:
+            for attention in attentions:
+                attention.fused_qkv = None
+
     def forward(
         self, input_ids, encoder_hidden_states, cache=None, output_attentions=False, output_hidden_states=False
     ):
@@ -493,9 +494,13 @@ class Pix2SeqDecoder(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device) + past_length
         hidden_states = inputs_embeds + self.embed_positions(positions)
         self_attention_cache = cache.self_attention_cache if cache is not None else None
-        attention_mask = create_causal_mask(
-            self.config, inputs_embeds, None, self_attention_cache, positions.unsqueeze(0)
-        )
+        attention_mask = None
+        # One new token attends to all of a dynamic cache: no mask to build (for SDPA, transformers would build none,
+        # after some 50 us of Python per decoding step). The empty slots of a static cache need one.
+        if input_ids.shape[1] > 1 or (self_attention_cache is not None and self_attention_cache.is_compileable):
+            attention_mask = create_causal_mask(
+                self.config, inputs_embeds, None, self_attention_cache, positions.unsqueeze(0)
+            )
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         self_attentions = () if output_attentions else None
         cross_attentions = () if output_attentions else None
@@ -778,6 +783,20 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         )
 
 
+def quantize_decoder_int8(model):
+    """
+    Opt-in, for CPU inference: turns the decoder's Linear layers (attention projections, MLPs) and the output layer of
+    a `Pix2SeqForObjectDetection` into dynamically quantized int8 ones (`torch.ao.quantization.quantize_dynamic`: int8
+    weights, activations quantized on the fly), so that a decoding step reads a quarter of the weight bytes. The
+    encoder is left as it is. The logits change slightly (`benchmarks/RESULTS.md` gives the measured difference and
+    token agreement); the model is then for inference on a CPU only, not for training or `save_pretrained`. Modifies
+    and returns `model`.
+    """
+    return torch.ao.quantization.quantize_dynamic(
+        model, qconfig_spec={"model.decoder.layers", "lm_head"}, dtype=torch.qint8, inplace=True
+    )
+
+
 # `save_pretrained` copies the code and writes `auto_map` only for registered classes (Trainer checkpoints included).
 Pix2SeqModel.register_for_auto_class("AutoModel")
 Pix2SeqForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
@@ -785,4 +804,4 @@ Pix2SeqForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
 # loses what `AutoModelForObjectDetection.register` adds) and logs an ERROR listing ~150 models when it is absent.
 MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES.setdefault("pix2seq", "Pix2SeqForObjectDetection")
 
-__all__ = ["Pix2SeqPreTrainedModel", "Pix2SeqModel", "Pix2SeqForObjectDetection"]
+__all__ = ["Pix2SeqPreTrainedModel", "Pix2SeqModel", "Pix2SeqForObjectDetection", "quantize_decoder_int8"]

@@ -50,6 +50,9 @@ def main():
     parser.add_argument("--tokens", type=int, default=100, help="new tokens per call")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--after-int8", action="store_true", help="quantize the after tree's decoder (`quantize_decoder_int8`)"
+    )
     parser.add_argument("--output", default="benchmarks/bench_decode_ab.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -69,6 +72,8 @@ def main():
         name: build(modeling, config, reference.state_dict(), reference.generation_config, encoder_output)
         for name, modeling in trees.items()
     }
+    if args.after_int8:
+        trees["after"].quantize_decoder_int8(models["after"])
     seconds = {name: [] for name in models}
     cpu_seconds = {name: [] for name in models}
     tokens = {}
@@ -83,6 +88,9 @@ def main():
                 cpu_seconds[name].append(time.process_time() - start_cpu)
             tokens.setdefault(round_index, {})[name] = sequences.tolist()
     same_tokens = all(pair["before"] == pair["after"] for pair in tokens.values())
+    token_agreement = statistics.mean(
+        float(torch.tensor(pair["before"]).eq(torch.tensor(pair["after"])).float().mean()) for pair in tokens.values()
+    )
     ms_per_step = {name: statistics.median(values) / args.tokens * 1e3 for name, values in seconds.items()}
     cpu_ms_per_step = {name: statistics.median(values) / args.tokens * 1e3 for name, values in cpu_seconds.items()}
     ratio = ms_per_step["after"] / ms_per_step["before"]
@@ -93,15 +101,23 @@ def main():
             f"(batch {args.batch_size}, median of {args.rounds})"
         )
     print(f"after / before: {ratio:.3f} wall, {cpu_ratio:.3f} CPU time; same tokens for the same seeds: {same_tokens}")
+    if not same_tokens:
+        print(f"tokens that agree: {token_agreement:.1%}")
     report = {
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.bench_decode_ab", *sys.argv[1:]]),
         "trees": {"before": str(Path(args.before).resolve()), "after": str(Path(args.after).resolve())},
-        "settings": {"tokens": args.tokens, "batch_size": args.batch_size, "threads": args.threads},
+        "settings": {
+            "tokens": args.tokens,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "after_int8": args.after_int8,
+        },
         "ms_per_step": ms_per_step,
         "cpu_ms_per_step": cpu_ms_per_step,
         "after_over_before": ratio,
         "cpu_after_over_before": cpu_ratio,
         "same_tokens": same_tokens,
+        "token_agreement": token_agreement,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
     }

@@ -135,9 +135,18 @@ def test_top_p_warper_keeps_the_tokens_the_official_filter_keeps(top_p):
     data = np.load(require_shared(TF_FIXTURES_DIR / "top_p_ref.npz"))
     logits = torch.from_numpy(data["logits"])
     kept = torch.from_numpy(data[f"p{top_p}"])
-    filtered = Pix2SeqTopPLogitsWarper(top_p)(None, logits)
-    assert torch.equal(filtered.isfinite(), kept)
-    assert torch.equal(filtered[kept], logits[kept])
+    warper = Pix2SeqTopPLogitsWarper(top_p)
+    # The whole batch, and each row alone: rows whose cut falls among the `candidates` most likely tokens take the
+    # shortcut, the others (and a batch holding one of them) the full sort.
+    shortcuts = 0
+    for rows in [slice(None)] + [slice(index, index + 1) for index in range(len(logits))]:
+        filtered = warper(None, logits[rows])
+        assert torch.equal(filtered.isfinite(), kept[rows])
+        assert torch.equal(filtered[kept[rows]], logits[rows][kept[rows]])
+        shortcuts += warper._filter_among_candidates(logits[rows]) is not None
+    assert shortcuts > 0
+    if top_p == 0.9:
+        assert shortcuts < len(logits)
 
 
 DECODING_TOKENS = json.loads((Path(__file__).parent / "fixtures" / "decoding_tokens.json").read_text())
