@@ -1,11 +1,12 @@
 """
-Pix2Seq decoding rules and its static-cache decoding strategy.
+Pix2Seq decoding rules and its own decode loop.
 
 This module owns how Pix2Seq tokens are chosen: the grammar (4 coordinate tokens, then 1 real class token, per
 object; EOS only where an object could start, in EOS mode), the official top-p filter, and the greedy stop decision
 of EOS mode. `Pix2SeqForObjectDetection.generate` puts the rules in front of `GenerationMixin.generate`, and
-dispatches to `generate_static` (a decode loop over a static cache, compiled on CUDA) when the generation config asks
-for `cache_implementation="static"` and nothing that loop does not do. Both paths build their rules here, from the
+dispatches to `generate_static` (a decode loop: over a static cache, compiled on CUDA, when the generation config asks
+for `cache_implementation="static"`; over a dynamic cache on a CPU by default) when the call asks for nothing that
+loop does not do. Both paths build their rules here, from the
 model config's vocabulary layout; neither knows what a box is.
 """
 

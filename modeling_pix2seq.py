@@ -737,8 +737,9 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         grammar applies where it is unset). Converted official checkpoints save `False`: the official decoding has no
         grammar mask.
 
-        With `cache_implementation="static"` and only these rules (no extra processors, beams or model kwargs), it
-        dispatches to the static-cache strategy `generation_pix2seq.generate_static`; its greedy output is the same.
+        With `cache_implementation="static"`, or on a CPU by default, and only these rules (no extra processors, beams
+        or model kwargs), it dispatches to Pix2Seq's decode loop `generation_pix2seq.generate_static`: the same greedy
+        output, and on a CPU the same sampled tokens for the same seed.
         """
         generation_config = copy.deepcopy(
             generation_config if generation_config is not None else self.generation_config
