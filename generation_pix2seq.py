@@ -1,17 +1,20 @@
 """
-Pix2Seq decoding rules and its static-cache decoding strategy.
+Pix2Seq decoding rules and its own decode loop.
 
 This module owns how Pix2Seq tokens are chosen: the grammar (4 coordinate tokens, then 1 real class token, per
 object; EOS only where an object could start, in EOS mode), the official top-p filter, and the greedy stop decision
 of EOS mode. `Pix2SeqForObjectDetection.generate` puts the rules in front of `GenerationMixin.generate`, and
-dispatches to `generate_static` (a decode loop over a static cache, compiled on CUDA) when the generation config asks
-for `cache_implementation="static"` and nothing that loop does not do. Both paths build their rules here, from the
+dispatches to `generate_static` (a decode loop: over a static cache, compiled on CUDA, when the generation config asks
+for `cache_implementation="static"`; over a dynamic cache on a CPU by default) when the call asks for nothing that
+loop does not do. Both paths build their rules here, from the
 model config's vocabulary layout; neither knows what a box is.
 """
 
+import contextlib
+
 import torch
 from transformers import CompileConfig
-from transformers.cache_utils import EncoderDecoderCache, StaticCache
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
 from transformers.generation import GenerateEncoderDecoderOutput, LogitsProcessor
 from transformers.modeling_outputs import Seq2SeqModelOutput
 
@@ -86,17 +89,46 @@ class Pix2SeqTopPLogitsWarper(LogitsProcessor):
     `top_p`, and always the most likely one. (transformers' `TopPLogitsWarper` also keeps the token crossing `top_p`.)
     """
 
+    # On a CPU, the filter first looks at this many most likely tokens, and sorts the whole vocabulary only when they
+    # do not reach `top_p` together (nearly uniform predictions, such as an untrained model's): the same tokens kept.
+    candidates = 64
+
     def __init__(self, top_p, temperature=1.0):
         self.top_p = top_p
         self.temperature = temperature
 
     def __call__(self, input_ids, scores):
         scores = scores / self.temperature
+        # The shortcut branches on values, a host sync: free on a CPU, not on an accelerator or in a compiled graph.
+        if scores.device.type == "cpu" and not torch.compiler.is_compiling() and scores.shape[-1] > self.candidates:
+            filtered = self._filter_among_candidates(scores)
+            if filtered is not None:
+                return filtered
         sorted_scores, sorted_index = torch.sort(scores, descending=True, dim=-1)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
         remove = cumulative > self.top_p
         remove[..., 0] = False
         return scores.masked_fill(remove.scatter(-1, sorted_index, remove), -float("inf"))
+
+    def _filter_among_candidates(self, scores):
+        """
+        The filtered scores when the cut falls among the `candidates` most likely tokens of every row (the tokens past
+        them would be removed anyway), else `None`.
+        """
+        log_normaliser = scores.logsumexp(dim=-1, keepdim=True)  # (B, 1)
+        # The candidates hold at most `candidates` times the largest probability: when that is short of `top_p` (flat
+        # predictions), the cut is past them.
+        largest = (scores.amax(dim=-1, keepdim=True) - log_normaliser).exp()
+        if not bool((largest * self.candidates > self.top_p).all()):
+            return None
+        top_scores, top_index = scores.topk(self.candidates, dim=-1)  # (B, candidates), descending
+        cumulative = (top_scores - log_normaliser).exp().cumsum(dim=-1)
+        if not bool((cumulative[..., -1] > self.top_p).all()):
+            return None
+        keep = cumulative <= self.top_p
+        keep[..., 0] = True
+        filtered = torch.full_like(scores, -float("inf"))
+        return filtered.scatter(-1, top_index, top_scores.masked_fill(~keep, -float("inf")))
 
 
 def decoding_processors(config, generation_config, use_grammar, prompt_length=1):
@@ -118,36 +150,98 @@ def decoding_processors(config, generation_config, use_grammar, prompt_length=1)
     return processors
 
 
-def can_generate_static(generation_config, logits_processor, model_kwargs):
-    """Whether `generate_static` does all that the call asks: a static cache, one greedy or sampled sequence each."""
+# The generation settings Pix2Seq's decode loop implements (or that only matter to what it checks it is not asked
+# for, beams); any other setting away from its default (`repetition_penalty`, `max_time`, `bad_words_ids`, ...) sends
+# the call to `GenerationMixin`, which implements it.
+LOOP_SETTINGS = {
+    "_from_model_config",
+    "bos_token_id",
+    "cache_config",
+    "cache_implementation",
+    "compile_config",
+    "decoder_start_token_id",
+    "disable_compile",
+    "do_sample",
+    "early_stopping",
+    "eos_token_id",
+    "length_penalty",
+    "max_cache_len",
+    "max_length",
+    "max_new_tokens",
+    "min_new_tokens",
+    "num_beam_groups",
+    "num_beams",
+    "num_return_sequences",
+    "output_attentions",
+    "output_hidden_states",
+    "output_logits",
+    "output_scores",
+    "pad_token_id",
+    "return_dict_in_generate",
+    "temperature",
+    "top_k",
+    "top_p",
+    "transformers_version",
+    "use_cache",
+    "use_grammar",
+}
+
+
+def can_generate_static(generation_config, logits_processor, model_kwargs, device=None):
+    """
+    Whether `generate_static`, Pix2Seq's decode loop, does all that the call asks: one greedy or sampled sequence
+    each, with no setting it lacks. The loop runs where a static cache is asked for and, on a CPU, by default (with
+    a dynamic cache, as `GenerationMixin` would use, and the same random draws: the same tokens, at less cost per
+    token).
+    """
+    cache_implementation = generation_config.cache_implementation
+    eos_token_id = generation_config.eos_token_id
     return (
-        generation_config.cache_implementation == "static"
+        (
+            cache_implementation == "static"
+            or (
+                cache_implementation is None
+                and device is not None
+                and torch.device(device).type == "cpu"
+                and generation_config.use_cache is not False
+            )
+        )
         and not logits_processor
         and not model_kwargs
+        and set(generation_config.to_diff_dict()) <= LOOP_SETTINGS
         and (generation_config.num_beams or 1) == 1
         and (generation_config.num_return_sequences or 1) == 1
         and not generation_config.top_k
         and not generation_config.min_new_tokens
         and not (generation_config.output_scores or generation_config.output_attentions)
         and not generation_config.output_hidden_states
+        and not (isinstance(eos_token_id, list) and len(eos_token_id) > 1)
     )
 
 
 @torch.no_grad()
 def generate_static(model, pixel_values, generation_config, use_grammar):
     """
-    Pix2Seq decoding at the hardware floor. The decode step (decoder, grammar, top-p, sampling) is one function over
-    fixed shapes and in-place buffers, compiled under the same rule as `GenerationMixin`'s static-cache forward (on
-    CUDA by default, `compile_config` with `mode="reduce-overhead"`: one CUDA graph replay per token). Besides the
-    logits processors, stock `generate` syncs the host with the device every token to test for EOS; here the loop
-    never waits on the device, except after steps where EOS may appear (object starts, in EOS mode) to stop once
-    every sequence has ended. Returns what `generate` returns (`sequences`, and `logits` if `output_logits`).
+    Pix2Seq's decode loop. The decode step (decoder, grammar, top-p, sampling) is one function over in-place buffers,
+    and the loop never waits on the device, except after steps where EOS may appear (object starts, in EOS mode) to
+    stop once every sequence has ended (stock `generate` syncs the host with the device every token to test for EOS).
+    Returns what `generate` returns (`sequences`, and `logits` if `output_logits`).
+
+    - With `cache_implementation="static"`, the cache is a static one and the step has fixed shapes: it is compiled
+      under the same rule as `GenerationMixin`'s static-cache forward (on CUDA by default, `compile_config` with
+      `mode="reduce-overhead"`: one CUDA graph replay per token).
+    - Otherwise (a CPU's default), the cache is a dynamic one, as `GenerationMixin`'s, and the step runs eagerly: it
+      computes what `GenerationMixin` computes, with the same random draws, without its per-token bookkeeping.
     """
     config = model.config
     encoder_hidden_states = model.model.encoder(pixel_values).last_hidden_state  # (B, S, D)
     batch_size, device = encoder_hidden_states.shape[0], encoder_hidden_states.device
     max_new_tokens = generation_config.max_new_tokens or generation_config.max_length - 1
-    cache, finished = _static_decoding_state(model, encoder_hidden_states, max_new_tokens)
+    if generation_config.cache_implementation == "static":
+        cache, finished = _static_decoding_state(model, encoder_hidden_states, max_new_tokens)
+    else:
+        cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     grammar = Pix2SeqGrammarLogitsProcessor(config)
     blocked = (grammar.blocked if use_grammar else torch.zeros_like(grammar.blocked)).to(device)  # (5, V)
     eos_token_id = generation_config.eos_token_id
@@ -158,6 +252,8 @@ def generate_static(model, pixel_values, generation_config, use_grammar):
         "top_p": generation_config.top_p if generation_config.top_p is not None else 1.0,
         "temperature": generation_config.temperature or 1.0,
         "eos_token_id": eos_token_id,
+        # As the grammar processor decides it for `GenerationMixin`.
+        "weigh_stop": bool(use_grammar and config.eos_mode and not generation_config.do_sample),
     }
 
     sequences = torch.full((batch_size, max_new_tokens + 1), config.pad_token_id, device=device)
@@ -167,21 +263,29 @@ def generate_static(model, pixel_values, generation_config, use_grammar):
         logits = torch.empty(batch_size, max_new_tokens, config.vocab_size, device=device)
     compiled = model._valid_auto_compile_criteria({"cache": cache}, generation_config)
     step_fn = decode_step
-    for step in range(max_new_tokens):
-        if step == 1 and compiled:
-            # The first step allocates the cache and projects the image keys/values: it stays eager.
-            step_fn = _compiled_decode_step(model, generation_config.compile_config)
-        if compiled:
-            torch.compiler.cudagraph_mark_step_begin()
-        next_tokens, step_logits = step_fn(
-            model, sequences[:, step : step + 1], encoder_hidden_states, cache, blocked[step % 5], finished, **sampling
-        )
-        sequences[:, step + 1] = next_tokens
-        if logits is not None:
-            logits[:, step] = step_logits
-        # With the grammar, EOS can only start an object: the only steps worth a host sync.
-        if can_end and (step % 5 == 0 or not use_grammar) and bool(finished.all()):
-            break
+    # A compiled step fuses kernels its own way.
+    with contextlib.nullcontext() if compiled else model.model.decoder.fused_qkv_projections():
+        for step in range(max_new_tokens):
+            if step == 1 and compiled:
+                # The first step allocates the cache and projects the image keys/values: it stays eager.
+                step_fn = _compiled_decode_step(model, generation_config.compile_config)
+            if compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            next_tokens, step_logits = step_fn(
+                model,
+                sequences[:, step : step + 1],
+                encoder_hidden_states,
+                cache,
+                blocked[step % 5],
+                finished,
+                **sampling,
+            )
+            sequences[:, step + 1] = next_tokens
+            if logits is not None:
+                logits[:, step] = step_logits
+            # With the grammar, EOS can only start an object: the only steps worth a host sync.
+            if can_end and (step % 5 == 0 or not use_grammar) and bool(finished.all()):
+                break
     sequences = sequences[:, : step + 2]
     if not generation_config.return_dict_in_generate:
         return sequences
@@ -193,20 +297,31 @@ def generate_static(model, pixel_values, generation_config, use_grammar):
 
 
 def decode_step(
-    model, input_ids, encoder_hidden_states, cache, blocked, finished, do_sample, top_p, temperature, eos_token_id
+    model,
+    input_ids,
+    encoder_hidden_states,
+    cache,
+    blocked,
+    finished,
+    do_sample,
+    top_p,
+    temperature,
+    eos_token_id,
+    weigh_stop,
 ):
     """One token for every sequence: `(B, 1)` ids -> `(B,)` next ids and their `(B, V)` raw logits."""
     config = model.config
     logits = model.lm_head(model.model.decoder(input_ids, encoder_hidden_states, cache).last_hidden_state[:, -1])
     logits = logits.float()
     scores = logits.masked_fill(blocked, -float("inf"))
-    if config.eos_mode and not do_sample:
+    if weigh_stop:
         scores = choose_stop_or_object(scores, config.pad_token_id, coordinate_tokens(config))
     if do_sample:
         scores = (
             Pix2SeqTopPLogitsWarper(top_p, temperature)(input_ids, scores) if top_p < 1.0 else scores / temperature
         )
-        # Exponential race: a categorical sample that CUDA graphs can capture, unlike `torch.multinomial`.
+        # Exponential race: a categorical sample that CUDA graphs can capture. It is what `torch.multinomial` draws
+        # for one sample (`GenerationMixin`'s draw): the same random numbers, so the same tokens for the same seed.
         next_tokens = (scores.softmax(dim=-1) / torch.empty_like(scores).exponential_()).argmax(dim=-1)
     else:
         next_tokens = scores.argmax(dim=-1)

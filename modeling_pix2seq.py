@@ -8,6 +8,7 @@ a box: `Pix2SeqImageProcessor` turns annotations into token targets and generate
 decoding rules live in `generation_pix2seq.py`.
 """
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -130,11 +131,22 @@ class Pix2SeqAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, hidden_size)
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
+        # `(weight, bias)` of the query, key and value projections stacked, set by
+        # `Pix2SeqDecoder.fused_qkv_projections` for the length of a decoding call.
+        self.fused_qkv = None
 
     def forward(self, hidden_states, key_value_states=None, attention_mask=None, cache=None):
         batch_size, length, _ = hidden_states.shape  # (B, T, D)
-        query = self.q_proj(hidden_states).view(batch_size, length, -1, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         is_cross = key_value_states is not None
+        fused = self.fused_qkv is not None and not is_cross
+        if fused:
+            query, key, value = (
+                nn.functional.linear(hidden_states, *self.fused_qkv)
+                .view(batch_size, length, 3, -1, self.head_dim)
+                .permute(2, 0, 3, 1, 4)
+            )  # 3 x (B, H, T, d)
+        else:
+            query = self.q_proj(hidden_states).view(batch_size, length, -1, self.head_dim).transpose(1, 2)
         layer_cache = None
         if cache is not None:
             layer_cache = cache.cross_attention_cache if is_cross else cache.self_attention_cache
@@ -142,9 +154,10 @@ class Pix2SeqAttention(nn.Module):
             # The image does not change during generation: its keys/values are projected once per image.
             key, value = layer_cache.layers[self.layer_idx].keys, layer_cache.layers[self.layer_idx].values
         else:
-            source = key_value_states if is_cross else hidden_states
-            key = self.k_proj(source).view(batch_size, source.shape[1], -1, self.head_dim).transpose(1, 2)
-            value = self.v_proj(source).view(batch_size, source.shape[1], -1, self.head_dim).transpose(1, 2)
+            if not fused:
+                source = key_value_states if is_cross else hidden_states
+                key = self.k_proj(source).view(batch_size, source.shape[1], -1, self.head_dim).transpose(1, 2)
+                value = self.v_proj(source).view(batch_size, source.shape[1], -1, self.head_dim).transpose(1, 2)
             if layer_cache is not None:
                 key, value = layer_cache.update(key, value, self.layer_idx)
                 if is_cross:
@@ -454,6 +467,27 @@ class Pix2SeqDecoder(nn.Module):
         )
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
+    @contextlib.contextmanager
+    def fused_qkv_projections(self):
+        """
+        Within, each self-attention projects its queries, keys and values in one matrix product instead of three
+        (the same numbers): a decoding step is dominated by per-kernel costs, so fewer, larger kernels are faster.
+        The stacked weights are built on entry and dropped on exit, so that they never outlive a change of the
+        weights; the saved parameters stay the three projections.
+        """
+        attentions = [layer.self_attn for layer in self.layers if isinstance(layer.self_attn.q_proj, nn.Linear)]
+        for attention in attentions:
+            projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+            attention.fused_qkv = (
+                torch.cat([projection.weight for projection in projections]),  # (3 * D, D)
+                torch.cat([projection.bias for projection in projections]),
+            )
+        try:
+            yield
+        finally:
+            for attention in attentions:
+                attention.fused_qkv = None
+
     def forward(
         self, input_ids, encoder_hidden_states, cache=None, output_attentions=False, output_hidden_states=False
     ):
@@ -464,9 +498,13 @@ class Pix2SeqDecoder(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device) + past_length
         hidden_states = inputs_embeds + self.embed_positions(positions)
         self_attention_cache = cache.self_attention_cache if cache is not None else None
-        attention_mask = create_causal_mask(
-            self.config, inputs_embeds, None, self_attention_cache, positions.unsqueeze(0)
-        )
+        attention_mask = None
+        # One new token attends to all of a dynamic cache: no mask to build (for SDPA, transformers would build none,
+        # after some 50 us of Python per decoding step). The empty slots of a static cache need one.
+        if input_ids.shape[1] > 1 or (self_attention_cache is not None and self_attention_cache.is_compileable):
+            attention_mask = create_causal_mask(
+                self.config, inputs_embeds, None, self_attention_cache, positions.unsqueeze(0)
+            )
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         self_attentions = () if output_attentions else None
         cross_attentions = () if output_attentions else None
@@ -756,9 +794,9 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         grammar applies where it is unset). Converted official checkpoints save `False`: the official decoding has no
         grammar mask. The grammar describes detection sequences: other tasks never use it.
 
-        With `cache_implementation="static"` and only these rules (no extra processors, beams, model kwargs or
-        prompts), it dispatches to the static-cache strategy `generation_pix2seq.generate_static`; its greedy output
-        is the same.
+        With `cache_implementation="static"`, or on a CPU by default, and only these rules (no extra processors, beams,
+        model kwargs or prompts), it dispatches to Pix2Seq's decode loop `generation_pix2seq.generate_static`: the same
+        greedy output, and on a CPU the same sampled tokens for the same seed.
         """
         settings = self.config.task_settings(task)
         generation_config = copy.deepcopy(
@@ -780,7 +818,7 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
             use_grammar = getattr(generation_config, "use_grammar", True)
         if decoder_input_ids is None and num_samples == 1:
             check_generation_length(generation_config, self.config)
-            if can_generate_static(generation_config, logits_processor, kwargs):
+            if can_generate_static(generation_config, logits_processor, kwargs, self.device):
                 return generate_static(self, pixel_values, generation_config, use_grammar)
             prompt_length = 1
         else:
@@ -863,6 +901,20 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         return Pix2SeqObjectDetectionOutput(sequences=generated.sequences[:, -logits.shape[1] :], logits=logits)
 
 
+def quantize_decoder_int8(model):
+    """
+    Opt-in, for CPU inference: turns the decoder's Linear layers (attention projections, MLPs) and the output layer of
+    a `Pix2SeqForObjectDetection` into dynamically quantized int8 ones (`torch.ao.quantization.quantize_dynamic`: int8
+    weights, activations quantized on the fly), so that a decoding step reads a quarter of the weight bytes. The
+    encoder is left as it is. The logits change slightly (`benchmarks/RESULTS.md` gives the measured difference and
+    token agreement); the model is then for inference on a CPU only, not for training or `save_pretrained`. Modifies
+    and returns `model`.
+    """
+    return torch.ao.quantization.quantize_dynamic(
+        model, qconfig_spec={"model.decoder.layers", "lm_head"}, dtype=torch.qint8, inplace=True
+    )
+
+
 # `save_pretrained` copies the code and writes `auto_map` only for registered classes (Trainer checkpoints included).
 Pix2SeqModel.register_for_auto_class("AutoModel")
 Pix2SeqForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
@@ -870,4 +922,4 @@ Pix2SeqForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
 # loses what `AutoModelForObjectDetection.register` adds) and logs an ERROR listing ~150 models when it is absent.
 MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES.setdefault("pix2seq", "Pix2SeqForObjectDetection")
 
-__all__ = ["Pix2SeqPreTrainedModel", "Pix2SeqModel", "Pix2SeqForObjectDetection"]
+__all__ = ["Pix2SeqPreTrainedModel", "Pix2SeqModel", "Pix2SeqForObjectDetection", "quantize_decoder_int8"]

@@ -18,7 +18,8 @@ images at 640 px (longest side), with 2 torch threads, batch 1 and batch 2.
 Every case runs in a fresh process: its first call (cold: nothing compiled, cached or warmed up) is reported apart
 from the median of the calls after it (steady). Loading (`from_pretrained` / `pipeline(...)`) is timed separately.
 Batch 1 times the two images one after the other; batch 2 times them in one call. A `torch.profiler` table of one
-decode step (ResNet-50, `model.generate`, batch 2, the step after `--profile-step` tokens) is written beside the JSON.
+decode step (ResNet-50, `model.generate`, batch 2, the average of `--profile-steps` steps after `--profile-step`
+tokens) is written beside the JSON.
 
 Run from the repository root (prints a markdown table, writes JSON and the profile):
 
@@ -238,10 +239,11 @@ def time_case(case, images):
     }
 
 
-def profile_decode_step(folder, images, step, output_path):
-    """A `torch.profiler` table of one decode step of `model.generate` (batch 2): a forward pre-hook on the decoder
-    marks each step, so the recorded window is one step, decoder to the next decoder call (logits processors,
-    sampling, stopping criteria and cache bookkeeping included)."""
+def profile_decode_step(folder, images, step, output_path, steps=20):
+    """A `torch.profiler` table of decode steps of `model.generate` (batch 2), per step: `steps` consecutive steps are
+    recorded and their times divided by `steps` (one step alone is at the mercy of a busy machine). A forward pre-hook
+    on the decoder marks each step, so each recorded window is one step, decoder to the next decoder call (logits
+    processors, sampling, stopping and cache bookkeeping included)."""
     from torch.profiler import ProfilerActivity, profile, schedule
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
@@ -250,26 +252,43 @@ def profile_decode_step(folder, images, step, output_path):
     inputs = processor(images, return_tensors="pt")
     model.generate(**inputs)  # warm-up: the profiled call is a steady one
     # Profiler step k (k >= 1) starts at decoder call k, which writes new token k: after `step` waiting steps and one
-    # warm-up step, the active window is the step that writes token `step + 1`.
-    window = schedule(wait=step, warmup=1, active=1, repeat=1)
+    # warm-up step, the active window is the steps that write tokens `step + 1` to `step + steps`.
+    window = schedule(wait=step, warmup=1, active=steps, repeat=1)
     with profile(activities=[ProfilerActivity.CPU], schedule=window) as profiler:
         hook = model.model.decoder.register_forward_pre_hook(lambda *_: profiler.step())
         model.generate(**inputs)
         hook.remove()
-    # The profiler's own step marker holds its bookkeeping, not the model's work.
-    averages = [event for event in profiler.key_averages() if not event.key.startswith("ProfilerStep")]
-    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    # The profiler's own step marker holds its bookkeeping and the Python between operators, not an operator.
+    events = profiler.key_averages()
+    operators = [event for event in events if not event.key.startswith("ProfilerStep")]
+    rows = sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)[:30]
+    lines = [f"{'op':<56} {'calls per step':>14} {'self CPU ms per step':>21} {'share':>7}"]
+    total = sum(event.self_cpu_time_total for event in events)
+    for event in rows:
+        lines.append(
+            f"{event.key[:56]:<56} {event.count / steps:>14.1f} {event.self_cpu_time_total / steps / 1e3:>21.3f} "
+            f"{event.self_cpu_time_total / total:>7.1%}"
+        )
     Path(output_path).write_text(
-        f"One decode step of model.generate(**processor(images)) at batch {len(images)}, after {step} tokens "
-        f"({torch.get_num_threads()} threads), ops by self CPU time:\n\n{table}\n"
+        f"Decode steps of model.generate(**processor(images)) at batch {len(images)}, the {steps} steps after {step} "
+        f"tokens ({torch.get_num_threads()} threads), per step (totals / {steps}), ops by self CPU time "
+        f"(ProfilerStep*: Python between operators and the profiler's bookkeeping); {total / steps / 1e3:.2f} ms "
+        f"per step in all:\n\n" + "\n".join(lines) + "\n"
     )
-    top = sorted(averages, key=lambda event: event.self_cpu_time_total, reverse=True)[:15]
+    top = sorted(operators, key=lambda event: event.self_cpu_time_total, reverse=True)[:15]
     return {
         "batch_size": len(images),
         "after_tokens": step,
-        "step_self_cpu_ms": sum(event.self_cpu_time_total for event in averages) / 1e3,
+        "profiled_steps": steps,
+        "step_cpu_ms": total / steps / 1e3,
+        "step_self_cpu_ms": sum(event.self_cpu_time_total for event in operators) / steps / 1e3,
         "top_ops": [
-            {"name": event.key, "calls": event.count, "self_cpu_ms": event.self_cpu_time_total / 1e3} for event in top
+            {
+                "name": event.key,
+                "calls_per_step": event.count / steps,
+                "self_cpu_ms": event.self_cpu_time_total / steps / 1e3,
+            }
+            for event in top
         ],
         "table": str(output_path),
     }
@@ -325,7 +344,8 @@ def main():
     parser.add_argument("--output", default="benchmarks/bench_cpu.json", help="JSON results (profile beside it)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (torch.set_num_threads)")
     parser.add_argument("--repeats", type=int, default=3, help="steady calls after the first; the median is kept")
-    parser.add_argument("--profile-step", type=int, default=250, help="tokens written before the profiled step")
+    parser.add_argument("--profile-step", type=int, default=250, help="tokens written before the profiled steps")
+    parser.add_argument("--profile-steps", type=int, default=20, help="decode steps profiled (per-step averages)")
     parser.add_argument("--smoke", action="store_true", help="tiny models and images, every case in one process")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -341,7 +361,7 @@ def main():
         for style in ("pipeline", "generate")
         for b in (1, 2)
     ]
-    profile_step = min(args.profile_step, 5) if args.smoke else args.profile_step
+    profile_step = min(args.profile_step, 2) if args.smoke else args.profile_step
     with tempfile.TemporaryDirectory() as directory:
         folders = {
             "resnet50": save_pix2seq_folder(Path(directory) / "resnet50", "resnet50", args.smoke),
@@ -355,7 +375,11 @@ def main():
         base = {"threads": args.threads, "smoke": args.smoke}
         profile_spec = {
             "folder": str(folders["resnet50"]),
-            "settings": {"step": profile_step, "output_path": str(output.with_name(output.stem + "_profile.txt"))},
+            "settings": {
+                "step": profile_step,
+                "steps": 5 if args.smoke else args.profile_steps,
+                "output_path": str(output.with_name(output.stem + "_profile.txt")),
+            },
         }
         output.parent.mkdir(parents=True, exist_ok=True)
         if args.smoke:
@@ -395,7 +419,9 @@ def main():
     )
     print(markdown_table(results))
     top = ", ".join(f"{op['name']} {op['self_cpu_ms']:.2f} ms" for op in profile["top_ops"][:5])
-    print(f"\nOne decode step: {profile['step_self_cpu_ms']:.2f} ms self CPU; top ops: {top}")
+    print(
+        f"\nOne decode step: {profile['step_cpu_ms']:.2f} ms CPU, {profile['step_self_cpu_ms']:.2f} ms in operators; {top}"
+    )
     print(f"written {output} and {profile['table']} in {results['total_seconds']:.0f} s")
 
 

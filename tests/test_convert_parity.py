@@ -2,6 +2,7 @@
 of every family (random weights) with the official model's outputs on given pixels."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,12 @@ from testing_utils import TF_FIXTURES_DIR, require_shared
 from torch import nn
 
 from conversion.tf_checkpoint_reader import TFCheckpointReader
-from convert_pix2seq_tf_checkpoint import COCO_CATEGORY_NAMES, config_from_official, load_checkpoint_into
+from convert_pix2seq_tf_checkpoint import (
+    COCO_CATEGORY_NAMES,
+    config_from_official,
+    load_checkpoint_into,
+    set_official_decoding,
+)
 from generation_pix2seq import Pix2SeqTopPLogitsWarper
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqForObjectDetection
@@ -129,6 +135,43 @@ def test_top_p_warper_keeps_the_tokens_the_official_filter_keeps(top_p):
     data = np.load(require_shared(TF_FIXTURES_DIR / "top_p_ref.npz"))
     logits = torch.from_numpy(data["logits"])
     kept = torch.from_numpy(data[f"p{top_p}"])
-    filtered = Pix2SeqTopPLogitsWarper(top_p)(None, logits)
-    assert torch.equal(filtered.isfinite(), kept)
-    assert torch.equal(filtered[kept], logits[kept])
+    warper = Pix2SeqTopPLogitsWarper(top_p)
+    # The whole batch, and each row alone: rows whose cut falls among the `candidates` most likely tokens take the
+    # shortcut, the others (and a batch holding one of them) the full sort.
+    shortcuts = 0
+    for rows in [slice(None)] + [slice(index, index + 1) for index in range(len(logits))]:
+        filtered = warper(None, logits[rows])
+        assert torch.equal(filtered.isfinite(), kept[rows])
+        assert torch.equal(filtered[kept[rows]], logits[rows][kept[rows]])
+        shortcuts += warper._filter_among_candidates(logits[rows]) is not None
+    assert shortcuts > 0
+    if top_p == 0.9:
+        assert shortcuts < len(logits)
+
+
+DECODING_TOKENS = json.loads((Path(__file__).parent / "fixtures" / "decoding_tokens.json").read_text())
+
+
+@pytest.fixture(scope="module", params=FIXTURES)
+def official_decoder(request):
+    variant = request.param
+    model = official_model(variant)
+    set_official_decoding(model, json.loads((TF_FIXTURES_DIR / variant / "config.json").read_text())["task"])
+    return variant, model, reference(variant)["images"].permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("decoding", ["detect", *DECODING_TOKENS["decodings"]])
+def test_greedy_and_seeded_sampled_tokens_are_those_recorded_before_the_decode_step_was_optimised(
+    official_decoder, decoding
+):
+    """`fixtures/decoding_tokens.json` holds what each decoding wrote before the decode step was made faster (see
+    `fixtures/make_decoding_tokens.py`): the same seed must still give the same tokens, token for token."""
+    variant, model, pixel_values = official_decoder
+    if decoding == "detect":
+        tokens = model.detect(pixel_values).sequences
+    else:
+        seed, arguments = DECODING_TOKENS["decodings"][decoding]
+        if seed is not None:
+            torch.manual_seed(seed)
+        tokens = model.generate(pixel_values=pixel_values, **arguments)[:, 1:]
+    assert tokens.tolist() == DECODING_TOKENS["tokens"][variant][decoding]

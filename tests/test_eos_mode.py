@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 from testing_utils import cpu_compile_config, tiny_config
+from transformers import LogitsProcessor
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as transformers_logging
 
@@ -70,12 +71,24 @@ def test_eos_mode_batch_runs_until_its_last_sequence_ends_and_pads_the_ended_one
         assert tokens.shape[1] == model.config.sequence_length
 
 
-def test_eos_mode_greedy_static_generation_equals_generation_mixin():
-    model = model_with_eos_bias(eos_mode=True, eos_bias=0.0)
+class Unchanged(LogitsProcessor):
+    """Changes no score; its presence alone sends `generate` to `GenerationMixin`."""
+
+    def __call__(self, input_ids, scores):
+        return scores
+
+
+# At half of log(num_bins), EOS beats each coordinate token but not their mass: the greedy stop decision on masses
+# (with the grammar only) and token by token (without) disagree.
+@pytest.mark.parametrize("eos_bias", [0.0, math.log(tiny_config().num_bins) / 2])
+@pytest.mark.parametrize("use_grammar", [True, False])
+def test_eos_mode_greedy_decode_loop_equals_generation_mixin(use_grammar, eos_bias):
+    model = model_with_eos_bias(eos_mode=True, eos_bias=eos_bias)
     pixel_values = torch.rand(3, 3, 64, 64)
-    reference = model.generate(pixel_values, do_sample=False)
-    static = model.generate(pixel_values, do_sample=False, cache_implementation="static")
-    torch.testing.assert_close(static, reference, rtol=0, atol=0)
+    reference = model.generate(pixel_values, do_sample=False, use_grammar=use_grammar, logits_processor=[Unchanged()])
+    for path in PATHS:
+        tokens = model.generate(pixel_values, do_sample=False, use_grammar=use_grammar, **path)
+        torch.testing.assert_close(tokens, reference, rtol=0, atol=0)
 
 
 def test_eos_mode_trains_on_sequences_one_token_longer():

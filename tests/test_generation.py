@@ -1,9 +1,14 @@
+import copy
+
 import pytest
 import torch
 from testing_utils import cpu_compile_config, trained_tiny_model
 from transformers import LogitsProcessor
+from transformers.modeling_outputs import BaseModelOutput
 
-from generation_pix2seq import Pix2SeqGrammarLogitsProcessor, Pix2SeqTopPLogitsWarper, class_token_ids
+import modeling_pix2seq
+from generation_pix2seq import Pix2SeqGrammarLogitsProcessor, Pix2SeqTopPLogitsWarper, cache_field, class_token_ids
+from modeling_pix2seq import quantize_decoder_int8
 
 
 @pytest.fixture
@@ -139,3 +144,96 @@ def test_official_top_p_keeps_only_the_top_token_when_it_already_exceeds_p():
     assert torch.isfinite(filtered).tolist() == [[True, False, False]]
     filtered = Pix2SeqTopPLogitsWarper(top_p=0.85)(None, scores)
     assert torch.isfinite(filtered).tolist() == [[True, True, False]]
+
+
+class Unchanged(LogitsProcessor):
+    """Changes no score; its presence alone sends `generate` to `GenerationMixin`."""
+
+    def __call__(self, input_ids, scores):
+        return scores
+
+
+@pytest.mark.parametrize(
+    "decoding",
+    [
+        {"do_sample": True, "top_p": 0.4, "top_k": 0, "use_grammar": False},  # the official decoding
+        {"do_sample": True, "top_p": 0.9, "top_k": 0, "use_grammar": True},
+        {"do_sample": True, "top_p": 1.0, "top_k": 0, "temperature": 2.0, "use_grammar": False},
+        {"do_sample": False, "use_grammar": True},
+    ],
+)
+def test_cpu_default_generation_runs_the_decode_loop_and_writes_what_generation_mixin_writes(
+    model, pixel_values, decoding, monkeypatch
+):
+    loop_calls = []
+    generate_static = modeling_pix2seq.generate_static
+    monkeypatch.setattr(
+        modeling_pix2seq, "generate_static", lambda *args: loop_calls.append(1) or generate_static(*args)
+    )
+    outputs = {}
+    for name, processors in (("loop", None), ("generation_mixin", [Unchanged()])):
+        torch.manual_seed(3)
+        outputs[name] = model.generate(
+            pixel_values, logits_processor=processors, return_dict_in_generate=True, output_logits=True, **decoding
+        )
+    assert len(loop_calls) == 1
+    torch.testing.assert_close(outputs["loop"].sequences, outputs["generation_mixin"].sequences, rtol=0, atol=0)
+    torch.testing.assert_close(outputs["loop"].logits, outputs["generation_mixin"].logits, rtol=0, atol=0)
+
+
+def test_cpu_generation_with_a_setting_the_loop_lacks_goes_through_generation_mixin(model, pixel_values, monkeypatch):
+    monkeypatch.setattr(modeling_pix2seq, "generate_static", None)  # would fail if called
+    model.generate(pixel_values, do_sample=False, repetition_penalty=1.5)
+    model.generate(pixel_values, do_sample=False, use_cache=False)
+
+
+def test_the_exponential_race_draws_what_torch_multinomial_draws_for_one_sample():
+    """The decode loop samples by the exponential race (which CUDA graphs can capture); on a CPU it gives the tokens
+    of `GenerationMixin`'s `torch.multinomial(probabilities, 1)` for the same seed."""
+    probabilities = torch.rand(4, 3000, generator=torch.Generator().manual_seed(0)).pow(8).softmax(dim=-1)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        multinomial = torch.multinomial(probabilities, num_samples=1).squeeze(1)
+        torch.manual_seed(seed)
+        race = (probabilities / torch.empty_like(probabilities).exponential_()).argmax(dim=-1)
+        assert torch.equal(race, multinomial)
+
+
+def test_fused_qkv_projections_give_the_numbers_of_three_projections_and_never_outlive_the_call(model, pixel_values):
+    """In the decode loop, the self-attentions project queries, keys and values in one product: a step computes the
+    same numbers as with the three projections, and weights changed between calls (here in place, through `.data`,
+    which leaves no trace on the parameter) are used by the next call."""
+    decoder = model.model.decoder
+    with torch.no_grad():
+        outputs = model(
+            pixel_values=pixel_values, decoder_input_ids=torch.full((3, 4), model.config.task_token_id), use_cache=True
+        )
+        cache = getattr(outputs, cache_field())
+        step_inputs = {
+            "decoder_input_ids": torch.full((3, 1), 7),
+            "encoder_outputs": BaseModelOutput(last_hidden_state=outputs.encoder_last_hidden_state),
+            "use_cache": True,
+        }
+        separate = model(**step_inputs, cache=copy.deepcopy(cache)).logits
+        with decoder.fused_qkv_projections():
+            assert decoder.layers[0].self_attn.fused_qkv is not None
+            fused = model(**step_inputs, cache=copy.deepcopy(cache)).logits
+    assert all(layer.self_attn.fused_qkv is None for layer in decoder.layers)
+    torch.testing.assert_close(fused, separate, rtol=0, atol=0)
+
+    before = model.generate(pixel_values, do_sample=False)
+    decoder.layers[0].self_attn.k_proj.weight.data.mul_(-3.0)
+    after = model.generate(pixel_values, do_sample=False)
+    reference = model.generate(pixel_values, do_sample=False, logits_processor=[Unchanged()])
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, reference, rtol=0, atol=0)
+
+
+def test_int8_decoder_writes_nearly_the_same_tokens(model, pixel_values):
+    reference = model.generate(pixel_values, do_sample=False)
+    quantize_decoder_int8(model)
+    assert type(model.model.decoder.layers[0].mlp.fc1) is not torch.nn.Linear
+    assert type(model.lm_head) is not torch.nn.Linear
+    assert type(model.model.encoder.output_proj) is torch.nn.Linear
+    quantized = model.generate(pixel_values, do_sample=False)
+    assert quantized.eq(reference).float().mean() > 0.9
