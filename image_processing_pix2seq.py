@@ -31,9 +31,11 @@ from transformers.utils import logging
 try:
     from .configuration_pix2seq import Pix2SeqConfig
     from .tokenization_pix2seq import Pix2SeqTokenizer
+    from .tokenization_pix2seq_multitask import resized_size
 except ImportError:
     from configuration_pix2seq import Pix2SeqConfig
     from tokenization_pix2seq import Pix2SeqTokenizer
+    from tokenization_pix2seq_multitask import resized_size
 
 
 logger = logging.get_logger(__name__)
@@ -456,8 +458,8 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             height, width = image.shape[-2:]
             scale = side / max(height, width) if do_resize else 1.0
             if do_resize:
-                new_size = SizeDict(height=max(1, round(height * scale)), width=max(1, round(width * scale)))
-                image = self.resize(image, new_size, resample=resample)
+                new_height, new_width = resized_size(height, width, side)
+                image = self.resize(image, SizeDict(height=new_height, width=new_width), resample=resample)
             if do_pad:
                 if max(image.shape[-2:]) > side:
                     raise ValueError(

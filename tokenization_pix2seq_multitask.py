@@ -21,6 +21,14 @@ from functools import lru_cache
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from transformers.generation import TopKLogitsWarper
+
+
+# Relative import for a saved model folder (`trust_remote_code`); the fallback for the repository root.
+try:
+    from .generation_pix2seq import Pix2SeqTopPLogitsWarper
+except ImportError:
+    from generation_pix2seq import Pix2SeqTopPLogitsWarper
 
 
 PAD_TOKEN_ID = 0
@@ -70,7 +78,8 @@ def dequantize(tokens, num_bins=NUM_BINS, coord_token_offset=COORD_TOKEN_OFFSET)
 def resized_size(height, width, canvas_size):
     """
     `(height, width)` of an image resized with its aspect ratio kept so that its longest side fills the canvas,
-    computed in float32 and rounded half to even as the official preprocessing does.
+    computed in float32 and rounded half to even as the official preprocessing does. `Pix2SeqImageProcessor` resizes
+    to this size, so that the decoders map tokens back through the canvas the model saw.
     """
     scale = np.float32(canvas_size) / np.float32(max(height, width))
     return tuple(max(1, int(np.round(scale * np.float32(side)))) for side in (height, width))
@@ -338,17 +347,14 @@ def filter_logits(logits, top_k=0, top_p=1.0, temperature=1.0):
     """
     The official sampling filter applied to each position on its own: logits divided by `temperature`, then only the
     `top_k` largest (0: no limit) and the most likely tokens whose cumulative probability is at most `top_p` (always
-    the most likely one); the others are set to -inf. `logits` may have any leading dimensions.
+    the most likely one, the decoding's own `Pix2SeqTopPLogitsWarper`); the others are set to -inf. `logits` may have
+    any leading dimensions.
     """
     logits = logits / temperature
     if top_k > 0:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
+        logits = TopKLogitsWarper(top_k)(None, logits)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) > top_p
-        remove[..., 0] = False
-        logits = logits.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
+        logits = Pix2SeqTopPLogitsWarper(top_p)(None, logits)
     return logits
 
 
