@@ -207,3 +207,16 @@ def test_an_image_with_fewer_boxes_gets_empty_slots(processor):
     assert instances["instance_mask"].tolist() == [[True, True], [True, False]]
     assert not instances["decoder_input_ids"][1, 1].any()
     assert instances["decoder_input_ids"][1, 0, -1] == 103
+
+
+def test_boxes_scoring_below_the_threshold_or_of_class_zero_are_not_prompted(processor):
+    detections = [
+        {
+            "boxes": torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 8, 8]]),
+            "labels": torch.tensor([1, 2, 0]),
+            "scores": torch.tensor([0.3, 0.6, 0.9]),
+        }
+    ]
+    instances = processor.prepare_instance_segmentation(detections, [(20, 20)], threshold=0.5)
+    assert instances["instance_labels"].tolist() == [[2]]
+    assert instances["instance_scores"].tolist() == [[pytest.approx(0.6)]]
