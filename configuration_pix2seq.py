@@ -10,6 +10,20 @@ from transformers import PretrainedConfig
 
 
 CLASS_LABEL_CORRUPTIONS = ("none", "rand_cls", "real_n_fake_cls", "rand_n_fake_cls", "real_n_rand_n_fake_cls")
+# The tasks of a multi-task (Pix2Seq v2) model, named as transformers' pipelines name them where one exists.
+TASKS = ("object_detection", "instance_segmentation", "keypoint_detection", "captioning")
+DETECTION_TASK = "object_detection"
+# Each task's decoding settings in `tasks` that `generate()` reads, with the type they must have; a task's other
+# settings (e.g. `max_instances`, `crop_pad_scale`) are read by the image processor and pipelines.
+TASK_DECODING_SETTINGS = {
+    "max_new_tokens": int,
+    "do_sample": bool,
+    "top_k": int,
+    "top_p": float,
+    "temperature": float,
+    "eos_token_id": int,
+    "num_samples": int,
+}
 
 
 class Pix2SeqConfig(PretrainedConfig):
@@ -115,6 +129,22 @@ class Pix2SeqConfig(PretrainedConfig):
             once every sequence has ended. `False` is the official fixed-length mode.
         label_smoothing (`float`, *optional*, defaults to 0.0):
             Label smoothing of the token cross-entropy.
+        tasks (`dict`, *optional*):
+            `None` for a detection-only model. For a multi-task model (Pix2Seq v2), a dict from task name
+            (`"object_detection"`, `"instance_segmentation"`, `"keypoint_detection"`, `"captioning"`) to that task's
+            settings: `prompt_token_id` (required, the task's first decoder token, below `class_token_offset`; the
+            detection one must equal `task_token_id`) and its default decoding in `generate(task=...)`:
+            `max_new_tokens`, `do_sample`, `top_k`, `top_p`, `temperature`, `eos_token_id` (`None`: a fixed number
+            of tokens) and `num_samples` (samples per prompt). Other keys (e.g. `max_instances`, `crop_pad_scale`,
+            `person_class_token_id`) are kept for the image processor and pipelines. The converted official
+            checkpoints hold the official evaluation's settings, captioning greedy.
+        text_token_offset (`int`, *optional*):
+            First text token (a SentencePiece id `i` is token `text_token_offset + i`), after the coordinate tokens;
+            `None` for a model without text. The official multi-task vocabulary puts text at 3000.
+        polygon_separator_token_id (`int`, *optional*):
+            Token between the polygons of one object in an instance-segmentation sequence (official: 40).
+        invisible_keypoint_token_id (`int`, *optional*):
+            Token of a keypoint coordinate that is not visible (official: 41).
     """
 
     model_type = "pix2seq"
@@ -165,6 +195,10 @@ class Pix2SeqConfig(PretrainedConfig):
         eos_token_weight=0.1,
         eos_mode=False,
         label_smoothing=0.0,
+        tasks=None,
+        text_token_offset=None,
+        polygon_separator_token_id=None,
+        invisible_keypoint_token_id=None,
         tie_word_embeddings=True,
         **kwargs,
     ):
@@ -204,6 +238,10 @@ class Pix2SeqConfig(PretrainedConfig):
         self.eos_token_weight = eos_token_weight
         self.eos_mode = eos_mode
         self.label_smoothing = label_smoothing
+        self.tasks = copy.deepcopy(tasks) if tasks is not None else None
+        self.text_token_offset = text_token_offset
+        self.polygon_separator_token_id = polygon_separator_token_id
+        self.invisible_keypoint_token_id = invisible_keypoint_token_id
         self.tie_word_embeddings = tie_word_embeddings
         # A model class registers one Auto class; the others are seeded here so that every saved folder maps them.
         kwargs.setdefault(
@@ -277,11 +315,21 @@ class Pix2SeqConfig(PretrainedConfig):
             raise ValueError(f"max_instances must be at least 1, got {self.max_instances}.")
         if min(self.id2label) < 0:
             raise ValueError(f"Class indices (keys of id2label) must be >= 0, got {min(self.id2label)}.")
+        self._validate_tasks()
         specials = {
             "pad_token_id": self.pad_token_id,
             "task_token_id": self.task_token_id,
             "fake_class_token_id": self.fake_class_token_id,
         }
+        for name in ("polygon_separator_token_id", "invisible_keypoint_token_id"):
+            if getattr(self, name) is not None:
+                specials[name] = getattr(self, name)
+        for name, settings in (self.tasks or {}).items():
+            if name != DETECTION_TASK and isinstance(settings, dict):
+                specials[f"tasks[{name!r}].prompt_token_id"] = settings.get("prompt_token_id")
+        for name, token in specials.items():
+            if not isinstance(token, int) or isinstance(token, bool):
+                raise ValueError(f"{name} must be an integer token id, got {token!r}.")
         for name, token in specials.items():
             if not 0 <= token < self.class_token_offset:
                 raise ValueError(
@@ -302,6 +350,14 @@ class Pix2SeqConfig(PretrainedConfig):
                 f"num_bins={self.num_bins} coordinate tokens from coord_token_offset={self.coord_token_offset} need "
                 f"vocab_size >= {self.coord_token_offset + self.num_bins}, got {self.vocab_size}."
             )
+        if self.text_token_offset is not None and not (
+            isinstance(self.text_token_offset, int)
+            and self.coord_token_offset + self.num_bins <= self.text_token_offset < self.vocab_size
+        ):
+            raise ValueError(
+                f"text_token_offset={self.text_token_offset!r} must be an integer from the end of the coordinate "
+                f"tokens ({self.coord_token_offset + self.num_bins}) to below vocab_size={self.vocab_size}."
+            )
         if self.sequence_length + 1 > self.max_position_embeddings:
             raise ValueError(
                 f"max_instances={self.max_instances} needs {self.sequence_length + 1} decoder positions, but "
@@ -317,6 +373,54 @@ class Pix2SeqConfig(PretrainedConfig):
                 f"The encoder width {encoder_width} (encoder_hidden_size, else d_model) must be divisible by "
                 f"encoder_attention_heads={self.encoder_attention_heads}."
             )
+
+    def _validate_tasks(self):
+        if self.tasks is None:
+            return
+        if not isinstance(self.tasks, dict) or not self.tasks:
+            raise ValueError(f"tasks must be None or a non-empty dict from task name to settings, got {self.tasks!r}.")
+        for name, settings in self.tasks.items():
+            if name not in TASKS:
+                raise ValueError(f"tasks has an unknown task {name!r}; the tasks are {TASKS}.")
+            if not isinstance(settings, dict) or "prompt_token_id" not in settings:
+                raise ValueError(
+                    f"tasks[{name!r}] must be a dict of settings with a prompt_token_id, got {settings!r}."
+                )
+            for setting, kind in TASK_DECODING_SETTINGS.items():
+                value = settings.get(setting)
+                # bool is an int to Python: a flag is refused where a number is meant, and the other way round.
+                numeric = (int, float) if kind is float else kind
+                if value is not None and (not isinstance(value, numeric) or isinstance(value, bool) != (kind is bool)):
+                    raise ValueError(f"tasks[{name!r}][{setting!r}]={value!r} must be of type {kind.__name__}.")
+            checks = {
+                "max_new_tokens": lambda v: 1 <= v <= self.max_position_embeddings,
+                "top_k": lambda v: v >= 0,
+                "top_p": lambda v: 0 < v <= 1,
+                "temperature": lambda v: v > 0,
+                "eos_token_id": lambda v: 0 <= v < self.vocab_size,
+                "num_samples": lambda v: v >= 1,
+            }
+            for setting, check in checks.items():
+                if settings.get(setting) is not None and not check(settings[setting]):
+                    raise ValueError(f"tasks[{name!r}][{setting!r}]={settings[setting]!r} is out of range.")
+        detection = self.tasks.get(DETECTION_TASK)
+        if detection is not None and detection["prompt_token_id"] != self.task_token_id:
+            raise ValueError(
+                f"tasks['{DETECTION_TASK}'] prompt_token_id={detection['prompt_token_id']} must equal "
+                f"task_token_id={self.task_token_id}, the detection prompt."
+            )
+
+    def task_settings(self, task=None):
+        """
+        The settings of `task` (default `"object_detection"`) as a new dict, `prompt_token_id` included. A
+        detection-only model (`tasks=None`) has only `"object_detection"`, whose prompt is `task_token_id` and whose
+        decoding is the generation config's. `ValueError` naming the model's tasks for any other name.
+        """
+        task = DETECTION_TASK if task is None else task
+        tasks = self.tasks if self.tasks is not None else {DETECTION_TASK: {"prompt_token_id": self.task_token_id}}
+        if task not in tasks:
+            raise ValueError(f"task={task!r} is not a task of this model; its tasks are {sorted(tasks)}.")
+        return copy.deepcopy(tasks[task])
 
     def _validate_backbone(self):
         # A name lookup in timm's registry; the stride that `image_size` must be a multiple of is only known once

@@ -99,15 +99,17 @@ class Pix2SeqTopPLogitsWarper(LogitsProcessor):
         return scores.masked_fill(remove.scatter(-1, sorted_index, remove), -float("inf"))
 
 
-def decoding_processors(config, generation_config, use_grammar):
+def decoding_processors(config, generation_config, use_grammar, prompt_length=1):
     """
-    The Pix2Seq rules for `GenerationMixin.generate`: the grammar when `use_grammar`, and the official top-p in place
-    of transformers' when sampling with `top_p < 1` (the generation config's `top_p` and `temperature` are then reset,
-    so that transformers does not apply its own on top).
+    The Pix2Seq rules for `GenerationMixin.generate`: the grammar when `use_grammar` (after `prompt_length` prompt
+    tokens), and the official top-p in place of transformers' when sampling with `top_p < 1` (the generation config's
+    `top_p` and `temperature` are then reset, so that transformers does not apply its own on top).
     """
     processors = []
     if use_grammar:
-        processors.append(Pix2SeqGrammarLogitsProcessor(config, greedy=not generation_config.do_sample))
+        processors.append(
+            Pix2SeqGrammarLogitsProcessor(config, prompt_length=prompt_length, greedy=not generation_config.do_sample)
+        )
     top_p = generation_config.top_p
     if generation_config.do_sample and top_p is not None and top_p < 1.0:
         processors.append(Pix2SeqTopPLogitsWarper(top_p, generation_config.temperature or 1.0))

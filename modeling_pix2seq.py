@@ -38,17 +38,20 @@ from transformers.utils import ModelOutput
 # lets scripts and tests import the modules from the repository root.
 # The pipeline module is imported only so that `save_pretrained` copies it beside the model (`custom_pipelines`).
 try:
-    from .configuration_pix2seq import Pix2SeqConfig
+    from .configuration_pix2seq import DETECTION_TASK, Pix2SeqConfig
     from .generation_pix2seq import cache_field, can_generate_static, decoding_processors, generate_static
     from .pipeline_pix2seq import Pix2SeqObjectDetectionPipeline  # noqa: F401
 except ImportError:
-    from configuration_pix2seq import Pix2SeqConfig
+    from configuration_pix2seq import DETECTION_TASK, Pix2SeqConfig
     from generation_pix2seq import cache_field, can_generate_static, decoding_processors, generate_static
     from pipeline_pix2seq import Pix2SeqObjectDetectionPipeline  # noqa: F401
 
 
 # Sampled detections (`Pix2SeqForObjectDetection.detect`) draw from this seed, so that they are reproducible.
 DETECTION_SEED = 0
+# The settings of `config.tasks[task]` that `generate(task=...)` takes as the generation config's for a task other than
+# detection (whose decoding is the generation config's own); a setting a task leaves out is unset.
+TASK_GENERATION_SETTINGS = ("do_sample", "top_k", "top_p", "temperature", "eos_token_id")
 
 
 @dataclass
@@ -69,8 +72,9 @@ class Pix2SeqObjectDetectionOutput(ModelOutput):
     `Pix2SeqImageProcessor.post_process_object_detection` decodes them into boxes, scores and labels.
 
     Args:
-        sequences (`torch.LongTensor` of shape `(batch_size, num_tokens)`): generated tokens, task token excluded.
-        logits (`torch.FloatTensor` of shape `(batch_size, num_tokens, vocab_size)`): the raw logits of each step.
+        sequences (`torch.LongTensor` of shape `(rows, num_tokens)`): generated tokens, prompt excluded; one row per
+            image, or per (image, instance, sample) with prompts of rank 3 or `num_samples`.
+        logits (`torch.FloatTensor` of shape `(rows, num_tokens, vocab_size)`): the raw logits of each step.
     """
 
     sequences: torch.LongTensor | None = None
@@ -542,29 +546,43 @@ class Pix2SeqModel(Pix2SeqPreTrainedModel):
         )
 
 
-def check_generation_length(generation_config, config):
+def check_generation_length(generation_config, config, prompt_length=1):
     """
-    Raises `ValueError`, before anything is allocated, when `generate()` would write more tokens than the decoder has
-    positions (`max_position_embeddings`): it would fail deep inside at the position table, after allocating a cache
-    for all of them.
+    Raises `ValueError`, before anything is allocated, when `generate()` would feed the decoder more tokens (the
+    `prompt_length` prompt tokens, then every new token but the last) than it has positions
+    (`max_position_embeddings`): it would fail deep inside at the position table, after allocating a cache for all of
+    them.
     """
     if generation_config.max_new_tokens is not None:
         setting, new_tokens = "max_new_tokens", generation_config.max_new_tokens
     elif generation_config.max_length is None:
         return
     else:
-        # One decoder input (the task token) before the new tokens.
-        setting, new_tokens = "max_length", generation_config.max_length - 1
+        setting, new_tokens = "max_length", generation_config.max_length - prompt_length
     value = getattr(generation_config, setting)
     if not isinstance(value, int) or isinstance(value, bool) or new_tokens < 1:
         raise ValueError(f"{setting}={value!r} (the generation config or the call) must be a positive integer.")
-    if new_tokens > config.max_position_embeddings:
+    room = config.max_position_embeddings - prompt_length + 1
+    if new_tokens > room:
         raise ValueError(
-            f"{setting}={value} (the generation config or the call) asks for {new_tokens} new tokens, more than the "
-            f"decoder's max_position_embeddings={config.max_position_embeddings}. Set max_new_tokens to at most "
-            f"{config.max_position_embeddings}; this model writes {config.sequence_length} (5 tokens per object, "
-            f"max_instances={config.max_instances})."
+            f"{setting}={value} (the generation config or the call) asks for {new_tokens} new tokens after a prompt "
+            f"of {prompt_length}, more than the decoder's max_position_embeddings={config.max_position_embeddings} "
+            f"allow. Set max_new_tokens to at most {room}; for detection this model writes {config.sequence_length} "
+            f"(5 tokens per object, max_instances={config.max_instances})."
         )
+
+
+def tile_encoding(encoder_outputs, repeats):
+    """
+    The image encoding repeated for `repeats` consecutive rows per image (rows ordered image, then repeat), as the
+    official model tiles one encoding over the instances of an image. Only `last_hidden_state`, what the decoder
+    reads, is tiled; the per-layer `hidden_states` and `attentions` stay one per image.
+    """
+    return BaseModelOutput(
+        last_hidden_state=encoder_outputs[0].repeat_interleave(repeats, dim=0),
+        hidden_states=getattr(encoder_outputs, "hidden_states", None),
+        attentions=getattr(encoder_outputs, "attentions", None),
+    )
 
 
 class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
@@ -635,6 +653,11 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         `eos_token_weight` for PAD/EOS targets, and `decoder_input_ids` to `labels` shifted right behind the task
         token. The loss depends on these tensors alone: in `eval()` mode the same batch gives the same loss.
 
+        Sequences may also come per instance, as the official multi-task model takes them: `decoder_input_ids` (and
+        `labels`, `token_weights`) of shape `(batch_size, instances, sequence_length)`, e.g. one instance-segmentation
+        sequence per object. Each image is encoded once and its encoding repeated for its instances; `logits` are
+        `(batch_size * instances, sequence_length, vocab_size)`, rows ordered (image, instance).
+
         With `pixel_values` alone (how `pipeline("object-detection")` calls a model), it runs `detect`.
 
         `decoder_attention_mask` is accepted for the generation API and ignored: Pix2Seq decoder inputs all start with
@@ -648,6 +671,18 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
                 "`Pix2SeqImageProcessor(images, annotations=..., return_tensors='pt')` returns them with "
                 f"`decoder_input_ids` and `token_weights`; got {type(labels).__name__}."
             )
+        per_instance = decoder_input_ids if decoder_input_ids is not None else labels
+        if per_instance is not None and per_instance.dim() == 3:
+            instances = per_instance.shape[1]
+            decoder_input_ids, labels, token_weights = (
+                None if tokens is None else tokens.flatten(0, 1)
+                for tokens in (decoder_input_ids, labels, token_weights)
+            )
+            if encoder_outputs is None:
+                encoder_outputs = self.model.encoder(
+                    pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+                )
+            encoder_outputs = tile_encoding(encoder_outputs, instances)
         if decoder_input_ids is None:
             decoder_input_ids = nn.functional.pad(labels[:, :-1], (1, 0), value=self.config.task_token_id)
         outputs = self.model(
@@ -689,32 +724,110 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         token_weights = token_weights.flatten().float()
         return (cross_entropy * token_weights).sum() / (token_weights.sum() + 1e-9)
 
-    def generate(self, pixel_values=None, logits_processor=None, generation_config=None, use_grammar=None, **kwargs):
+    def generate(
+        self,
+        pixel_values=None,
+        task=None,
+        decoder_input_ids=None,
+        logits_processor=None,
+        generation_config=None,
+        use_grammar=None,
+        num_samples=None,
+        **kwargs,
+    ):
         """
         `GenerationMixin.generate` with Pix2Seq's decoding rules (`generation_pix2seq.py`) in front: the grammar
         (coordinates, then a class; EOS only at object boundaries in EOS mode) and, when sampling with `top_p < 1`, the
         official top-p semantics in place of transformers' `TopPLogitsWarper`.
 
+        `task` (default `"object_detection"`, the only task of a detection-only model) picks the prompt and the
+        decoding of a multi-task model (`config.tasks`). Detection decodes with the generation config, as on a
+        detection-only model (a converted multi-task folder saves the official detection decoding there); any other
+        task takes its settings from `config.tasks[task]` (`max_new_tokens`, `do_sample`, `top_k`, `top_p`,
+        `temperature`, `eos_token_id`, `num_samples`) in place of the generation config's, without the grammar.
+        Arguments of the call win over both.
+
+        The prompt is `decoder_input_ids`: `(batch_size, prompt_length)`, or `(batch_size, instances, prompt_length)`
+        for several prompts per image (e.g. `[11, box, class]` per object); by default the task's prompt token alone.
+        Each image is encoded once and its encoding repeated for its prompts. `num_samples` decodes every prompt that
+        many times (rows ordered image, instance, sample). `sequences` start with the prompt.
+
         `use_grammar=None` reads `use_grammar` from the generation config (saved in `generation_config.json`; the
         grammar applies where it is unset). Converted official checkpoints save `False`: the official decoding has no
-        grammar mask.
+        grammar mask. The grammar describes detection sequences: other tasks never use it.
 
-        With `cache_implementation="static"` and only these rules (no extra processors, beams or model kwargs), it
-        dispatches to the static-cache strategy `generation_pix2seq.generate_static`; its greedy output is the same.
+        With `cache_implementation="static"` and only these rules (no extra processors, beams, model kwargs or
+        prompts), it dispatches to the static-cache strategy `generation_pix2seq.generate_static`; its greedy output
+        is the same.
         """
+        settings = self.config.task_settings(task)
         generation_config = copy.deepcopy(
             generation_config if generation_config is not None else self.generation_config
         )
+        if task not in (None, DETECTION_TASK):
+            if use_grammar:
+                raise ValueError(f"use_grammar=True describes detection sequences; task={task!r} cannot use it.")
+            use_grammar = False
+            generation_config.update(**{name: settings.get(name) for name in TASK_GENERATION_SETTINGS})
+            if settings.get("max_new_tokens") is not None:
+                generation_config.update(max_new_tokens=settings["max_new_tokens"])
+        num_samples = settings.get("num_samples", 1) if num_samples is None else num_samples
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"num_samples={num_samples!r} must be a positive integer.")
+        generation_config.decoder_start_token_id = settings["prompt_token_id"]
         kwargs = generation_config.update(**kwargs)
-        check_generation_length(generation_config, self.config)
         if use_grammar is None:
             use_grammar = getattr(generation_config, "use_grammar", True)
-        if can_generate_static(generation_config, logits_processor, kwargs):
-            return generate_static(self, pixel_values, generation_config, use_grammar)
-        processors = LogitsProcessorList(decoding_processors(self.config, generation_config, use_grammar))
+        if decoder_input_ids is None and num_samples == 1:
+            check_generation_length(generation_config, self.config)
+            if can_generate_static(generation_config, logits_processor, kwargs):
+                return generate_static(self, pixel_values, generation_config, use_grammar)
+            prompt_length = 1
+        else:
+            kwargs["decoder_input_ids"], kwargs["encoder_outputs"] = self._prompt_rows(
+                pixel_values, kwargs.pop("encoder_outputs", None), decoder_input_ids, settings, num_samples
+            )
+            pixel_values = None
+            prompt_length = kwargs["decoder_input_ids"].shape[1]
+            check_generation_length(generation_config, self.config, prompt_length)
+        processors = LogitsProcessorList(
+            decoding_processors(self.config, generation_config, use_grammar, prompt_length=prompt_length)
+        )
         processors.extend(logits_processor or [])
         return super().generate(
             pixel_values=pixel_values, logits_processor=processors, generation_config=generation_config, **kwargs
+        )
+
+    def _prompt_rows(self, pixel_values, encoder_outputs, decoder_input_ids, settings, num_samples):
+        """
+        The decoder prompts, one row per (image, instance, sample), and the image encoding repeated to match:
+        `decoder_input_ids` `(batch_size, P)` or `(batch_size, instances, P)`, by default the task's prompt token.
+        """
+        if encoder_outputs is None:
+            if pixel_values is None:
+                raise ValueError("generate() needs pixel_values (or encoder_outputs).")
+            encoder_outputs = self.model.encoder(pixel_values)
+        batch_size = encoder_outputs[0].shape[0]
+        device = encoder_outputs[0].device
+        if decoder_input_ids is None:
+            decoder_input_ids = torch.full((batch_size, 1), settings["prompt_token_id"], device=device)
+        decoder_input_ids = torch.as_tensor(decoder_input_ids, dtype=torch.long, device=device)
+        if decoder_input_ids.dim() not in (2, 3) or decoder_input_ids.shape[0] != batch_size:
+            raise ValueError(
+                f"decoder_input_ids of shape {tuple(decoder_input_ids.shape)} must be (batch_size, prompt_length) or "
+                f"(batch_size, instances, prompt_length), with batch_size={batch_size} images."
+            )
+        instances = decoder_input_ids.shape[1] if decoder_input_ids.dim() == 3 else 1
+        rows = decoder_input_ids.reshape(batch_size * instances, -1).repeat_interleave(num_samples, dim=0)
+        return rows, tile_encoding(encoder_outputs, instances * num_samples)
+
+    def _prepare_decoder_input_ids_for_generation(self, batch_size, model_input_name, model_kwargs, *args, **kwargs):
+        # A Pix2Seq prompt already starts with its task's token, which differs between rows where a row is an empty
+        # slot: given prompts are used as they are, never behind a start token.
+        if "decoder_input_ids" in model_kwargs:
+            return model_kwargs.pop("decoder_input_ids"), model_kwargs
+        return super()._prepare_decoder_input_ids_for_generation(
+            batch_size, model_input_name, model_kwargs, *args, **kwargs
         )
 
     def _prepare_special_tokens(self, generation_config, kwargs_has_attention_mask=None, *args, **kwargs):
@@ -723,12 +836,13 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         super()._prepare_special_tokens(generation_config, True, *args, **kwargs)
 
     @torch.no_grad()
-    def detect(self, pixel_values, **generate_kwargs):
+    def detect(self, pixel_values, task=None, decoder_input_ids=None, **generate_kwargs):
         """
-        Generates the tokens of a batch of processed images with their logits (`Pix2SeqObjectDetectionOutput`). When
-        it samples, it samples from the seed `DETECTION_SEED` under a forked random state (of the CPU, and of the CUDA
-        device the images are on): the same images give the same detections every call, and the caller's random state
-        is left as it was.
+        Generates the tokens of a batch of processed images with their logits (`Pix2SeqObjectDetectionOutput`, the
+        prompt removed), for `task` (default detection) and the prompts `decoder_input_ids`, as `generate` takes them.
+        When it samples, it samples from the seed `DETECTION_SEED` under a forked random state (of the CPU, and of the
+        CUDA device the images are on): the same images give the same tokens every call, and the caller's random
+        state is left as it was.
         """
         device = pixel_values.device
         forked_devices = [device] if device.type == "cuda" else []
@@ -738,11 +852,15 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
                 with torch.cuda.device(device):
                     torch.cuda.manual_seed(DETECTION_SEED)
             generated = self.generate(
-                pixel_values=pixel_values, return_dict_in_generate=True, output_logits=True, **generate_kwargs
+                pixel_values=pixel_values,
+                task=task,
+                decoder_input_ids=decoder_input_ids,
+                return_dict_in_generate=True,
+                output_logits=True,
+                **generate_kwargs,
             )
-        return Pix2SeqObjectDetectionOutput(
-            sequences=generated.sequences[:, 1:], logits=torch.stack(generated.logits, dim=1)
-        )
+        logits = torch.stack(generated.logits, dim=1)
+        return Pix2SeqObjectDetectionOutput(sequences=generated.sequences[:, -logits.shape[1] :], logits=logits)
 
 
 # `save_pretrained` copies the code and writes `auto_map` only for registered classes (Trainer checkpoints included).

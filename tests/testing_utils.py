@@ -270,3 +270,52 @@ def assert_official_parity(output_dir, variant):
     assert float((logits - torch.from_numpy(reference["logits"])).abs().max()) < 1e-4
     assert torch.equal(greedy[:, 1:], torch.from_numpy(reference["pred_seq"]))
     return model
+
+
+# The official multi-task decoding settings (prompts 10-13), shortened so that a tiny model decodes in a moment.
+TINY_MULTITASK_TASKS = {
+    "object_detection": {
+        "prompt_token_id": 10,
+        "max_new_tokens": 20,
+        "do_sample": True,
+        "top_k": 0,
+        "top_p": 0.4,
+        "temperature": 1.0,
+    },
+    "instance_segmentation": {
+        "prompt_token_id": 11,
+        "max_new_tokens": 12,
+        "do_sample": True,
+        "top_k": 0,
+        "top_p": 0.8,
+        "temperature": 1.0,
+        "num_samples": 3,
+        "max_instances": 10,
+    },
+    "keypoint_detection": {
+        "prompt_token_id": 12,
+        "max_new_tokens": 8,
+        "do_sample": True,
+        "top_k": 0,
+        "top_p": 0.1,
+        "temperature": 1.0,
+        "person_class_token_id": 101,
+        "crop_pad_scale": 0.5,
+        "points_score_weight": 1.0,
+        "suppress_invisible": True,
+    },
+    "captioning": {"prompt_token_id": 13, "max_new_tokens": 15, "do_sample": False, "eos_token_id": 3001},
+}
+
+
+def tiny_multitask_config(**overrides):
+    """A tiny multi-task (Pix2Seq v2 layout) config: text tokens from 3000 in a 3,100-token vocabulary."""
+    settings = {
+        "vocab_size": 3100,
+        "text_token_offset": 3000,
+        "polygon_separator_token_id": 40,
+        "invisible_keypoint_token_id": 41,
+        "tasks": copy.deepcopy(TINY_MULTITASK_TASKS),
+    }
+    settings.update(overrides)
+    return tiny_config(**settings)
