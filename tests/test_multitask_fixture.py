@@ -9,14 +9,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from testing_utils import SHARED_DIR, require_shared
+from testing_utils import V2_FIXTURES_DIR, require_shared
 from transformers import pipeline
 
 from convert_pix2seq_tf_checkpoint import convert
 from image_processing_pix2seq import Pix2SeqImageProcessor
-
-
-V2_FIXTURES_DIR = SHARED_DIR / "reference" / "pix2seq_v2_fixtures"
 
 
 @pytest.fixture(scope="module")

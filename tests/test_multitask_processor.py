@@ -4,27 +4,21 @@ transformers' instance-segmentation format and keypoints in VitPose's format. Th
 (`multitask_postprocess_reference`) goes through these methods end to end; the format rules hold for any input.
 """
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from testing_utils import SHARED_DIR, require_shared
+from testing_utils import multitask_postprocess_reference
 
 from image_processing_pix2seq import Pix2SeqImageProcessor
 from modeling_pix2seq import Pix2SeqObjectDetectionOutput
 
 
-REFERENCE_DIR = SHARED_DIR / "reference" / "pix2seq_v2_fixtures"
 KEYPOINT_CASES = ["kpA", "kpA_nosuppress", "kpA_colab", "kpB", "kpC_nosuppress", "kpD", "kpD_nosuppress"]
 
 
 @pytest.fixture(scope="module")
 def reference():
-    folder = require_shared(REFERENCE_DIR)
-    arrays = np.load(folder / "multitask_postprocess_reference.npz")
-    cases = json.loads((folder / "multitask_postprocess_reference.json").read_text())["cases"]
-    return arrays, cases
+    return multitask_postprocess_reference()
 
 
 @pytest.fixture(scope="module")
