@@ -10,7 +10,9 @@ from it, in the 2022 release layout or today's official one; `--config FILE` giv
 another step). The output folder holds the config, the safetensors weights, the image processor, the generation
 config (the official decoding: top-p sampling, no grammar mask), the remote code and a model card; it loads with
 `AutoModelForObjectDetection` / `AutoImageProcessor` (`trust_remote_code=True`) and serves
-`pipeline("object-detection")`. `--push_to_hub REPO_ID` publishes it.
+`pipeline("object-detection")`. A multi-task (Pix2Seq v2) run converts with all its tasks: the config then also holds
+the text vocabulary layout and each task's prompt and official decoding (`config.tasks`, read by
+`generate(task=...)`). `--push_to_hub REPO_ID` publishes it.
 
 The checkpoint is untrusted input. What the weights cannot show (head counts, the MLP widths' rule, the task) is
 checked against the tensors' TF shapes and the config's own sections; the config is compared with the checkpoint's
@@ -131,6 +133,8 @@ COCO_CATEGORY_NAMES = {
     90: "toothbrush",
 }
 NUM_OBJECTS365_CLASSES = 365
+# The official class token of category id `i` is `100 + i` (`vocab.py`), as this project's default layout.
+CLASS_TOKEN_OFFSET = 100
 
 # The released families, recognised by their official `model` settings, and their published COCO AP (official README)
 # at each fine-tuning resolution.
@@ -259,10 +263,20 @@ LEAF_NAMES = {
 }
 
 
+# The published COCO detection AP of the two multi-task ViT-B checkpoints (official README), by image size.
+MULTITASK_COCO_AP = {640: 44.2, 1024: 46.5}
+
 DETECTION_TASK = "object_detection"
 # The detection prompt of every released checkpoint; the 2022 release's files may lack `task.vocab_id`, which both
 # official colabs set to this value before use.
 DEFAULT_DETECTION_PROMPT = 10
+# The other tasks of the multi-task (Pix2Seq v2) runs: their official prompts, and the official vocabulary's tokens
+# that no run configuration states (the official `vocab.py` fixes them): the polygon separator, the invisible keypoint,
+# and COCO's person category (id 1), whose class token conditions the keypoint prompt.
+MULTITASK_PROMPTS = {"instance_segmentation": 11, "keypoint_detection": 12, "captioning": 13}
+POLYGON_SEPARATOR_TOKEN = 40
+INVISIBLE_KEYPOINT_TOKEN = 41
+PERSON_CATEGORY_ID = 1
 MAX_JSON_FILE_SIZE = 16 << 20
 # The official model's settings that are numbers of things, checked to be positive integers.
 INTEGER_SETTINGS = (
@@ -442,6 +456,79 @@ def detection_task(official_config, source="config.json"):
     task = dict(candidates[0])
     task.setdefault("vocab_id", DEFAULT_DETECTION_PROMPT)
     return task
+
+
+def multitask_settings(official_config, detection, max_instances, source="config.json"):
+    """
+    The `Pix2SeqConfig` settings of a multi-task run (`tasks` lists more than object detection): every task's prompt
+    and official evaluation decoding as `tasks`, and the vocabulary layout (text tokens, polygon separator, invisible
+    keypoint). `{}` for a detection-only run. Each task's settings come from its section of the run configuration:
+    - detection (`detection`, its task section): its top-k/top-p/temperature sampling, 5 tokens for each of
+      `max_instances` objects, as the saved generation config;
+    - instance segmentation: 2 tokens per polygon point (`max_points_per_object`), `ensemble_num_samples` samples per
+      box, the `max_instances_per_image_test` best boxes;
+    - keypoints: 2 tokens per keypoint, the person class token, the crop margin (`crop_to_bbox_pad_scale`), the score
+      weight and whether invisible tokens are re-drawn (`eval_suppress_invisible_token`);
+    - captioning: greedy up to the model's `max_seq_len`, ending at the end-of-text token. The configuration's own top-p
+      1.0 is pure sampling; the official maintainers advise greedy decoding, which gives the published BLEU.
+    """
+    tasks = official_config.get("tasks") or []
+    others = [entry for entry in tasks if entry.get("name") != DETECTION_TASK]
+    if not others:
+        return {}
+    unknown = [entry.get("name") for entry in others if entry.get("name") not in MULTITASK_PROMPTS]
+    if unknown:
+        raise ConversionError(
+            f"{source}: the run's tasks {unknown} are not supported; the tasks that convert are "
+            f"{[DETECTION_TASK, *MULTITASK_PROMPTS]}."
+        )
+    model = official_config["model"]
+
+    def decoding(section):
+        return {
+            "prompt_token_id": section.get("vocab_id", MULTITASK_PROMPTS.get(section.get("name"))),
+            "do_sample": True,
+            "top_k": section.get("top_k", 0),
+            "top_p": section.get("top_p", 1.0),
+            "temperature": section.get("temperature", 1.0),
+        }
+
+    settings = {DETECTION_TASK: {**decoding(detection), "max_new_tokens": 5 * max_instances}}
+    for section in others:
+        name = section["name"]
+        task = decoding(section)
+        if name == "instance_segmentation":
+            task.update(
+                max_new_tokens=2 * section.get("max_points_per_object", 128),
+                num_samples=section.get("ensemble_num_samples", 8),
+                max_instances=section.get("max_instances_per_image_test", 10),
+            )
+        elif name == "keypoint_detection":
+            task.update(
+                max_new_tokens=2 * section.get("max_points_per_object", 17),
+                person_class_token_id=CLASS_TOKEN_OFFSET + PERSON_CATEGORY_ID,
+                crop_pad_scale=section.get("crop_to_bbox_pad_scale", 0.5),
+                points_score_weight=section.get("points_score_weight", 1.0),
+                suppress_invisible=section.get("eval_suppress_invisible_token", True),
+            )
+        else:
+            # The official captioning decodes up to the model's length, and its text tokenizer ends a caption with
+            # SentencePiece id 1.
+            task = {
+                "prompt_token_id": task["prompt_token_id"],
+                "max_new_tokens": model["max_seq_len"] - 1,
+                "do_sample": False,
+                "eos_token_id": model.get("text_vocab_shift", 3000) + 1,
+            }
+        settings[name] = task
+    layout = {"tasks": settings}
+    if "instance_segmentation" in settings:
+        layout["polygon_separator_token_id"] = POLYGON_SEPARATOR_TOKEN
+    if "keypoint_detection" in settings:
+        layout["invisible_keypoint_token_id"] = INVISIBLE_KEYPOINT_TOKEN
+    if "captioning" in settings:
+        layout["text_token_offset"] = model.get("text_vocab_shift", 3000)
+    return layout
 
 
 def official_settings(official_config, source="config.json"):
@@ -680,6 +767,7 @@ def config_from_official(official_config, id2label, source="config.json"):
             "max_instances": min(task["max_instances_per_image_test"], (max_seq_len - 1) // 5),
             "id2label": id2label,
         }
+        settings.update(multitask_settings(official_config, task, settings["max_instances"], source))
         variant = model.get("resnet_variant")
         if variant == "c1":
             return Pix2SeqConfig(backbone=None, patch_size=model.get("patch_size"), **settings)
@@ -750,6 +838,12 @@ def model_card(source, family, official_config, config, folder=None):
     published_ap = RELEASED_FAMILIES[family]["coco_ap"] if family is not None else {}
     if family is None:
         ap_line = "Its architecture is none of the released families, so no AP is published for it."
+    elif config.tasks is not None and kind == "coco" and family == "ViT-B" and config.image_size in MULTITASK_COCO_AP:
+        ap_line = (
+            f"Published COCO detection AP of the multi-task ViT-B at {config.image_size} px: "
+            f"**{MULTITASK_COCO_AP[config.image_size]}**, from the official release; it was not measured on this "
+            "conversion."
+        )
     elif kind != "coco" or model["vocab_size"] != 3000:
         ap_line = f"It is a {family} checkpoint other than the COCO fine-tunes, for which alone AP is published here."
     elif config.image_size in published_ap:
@@ -802,6 +896,34 @@ Official `resnet_variant="{model["resnet_variant"]}"`: {config.encoder_layers} e
 vocabulary {config.vocab_size}, {config.num_bins} coordinate bins, {len(config.id2label)} classes. Images are RGB in
 [0, 1] without mean/std normalisation, resized so that their longer side is {config.image_size} and padded at the
 bottom and right with 0.3.
+""" + tasks_section(config)
+
+
+def tasks_section(config):
+    """The model card's section on the tasks of a multi-task checkpoint: prompts and default decoding per task."""
+    if config.tasks is None:
+        return ""
+    rows = []
+    for name, task in config.tasks.items():
+        decoding = (
+            f"top-p {task['top_p']} sampling (top-k {task['top_k']}, temperature {task['temperature']})"
+            if task.get("do_sample")
+            else "greedy"
+        )
+        samples = f", {task['num_samples']} samples per prompt" if task.get("num_samples", 1) > 1 else ""
+        rows.append(f"| `{name}` | {task['prompt_token_id']} | {task['max_new_tokens']} | {decoding}{samples} |")
+    table = "\n".join(rows)
+    return f"""
+## Tasks
+
+A multi-task (Pix2Seq v2) checkpoint: one decoder, switched by the prompt token. Text tokens start at
+{config.text_token_offset}. `model.generate(pixel_values, task=..., decoder_input_ids=prompts)` decodes a task with
+its official evaluation settings (captioning greedy, as the official maintainers advise); object detection is what
+the pipeline runs.
+
+| task | prompt | new tokens | decoding |
+| --- | --- | --- | --- |
+{table}
 """
 
 

@@ -3,7 +3,10 @@ Parity of converted official checkpoints with the official TF model, on every fi
 `../shared/reference/pix2seq_tf_fixtures` (tiny models of each family, random weights): max |diff| of the encoder
 output, the projected encoding and the teacher-forced logits (from today's `config.json` layout and from the 2022
 release's `config_2022.json`), greedy-token equality, the reader's time to read every tensor (crc32c checked), the
-conversion's time, and the official preprocessing's max |diff|. Then, for every released folder
+conversion's time, and the official preprocessing's max |diff|. The multi-task (Pix2Seq v2) fixture of
+`../shared/reference/pix2seq_v2_fixtures` likewise, per task: the teacher-forced logits' max |diff| (the stored columns
+and the log-sum-exp over the whole vocabulary) and whether greedy generation gives every official token, with the
+conversion's time. Then, for every released folder
 (`released_configs_2022/`), the command that converts it and what the converter builds from its likely `config.json`
 against the family's full-size key list, on the meta device: family, image size, parameters, labels. Prints tables
 and writes JSON.
@@ -28,7 +31,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from test_convert_parity import FIXTURES, official_model, reference  # noqa: E402
-from testing_utils import TF_FIXTURES_DIR  # noqa: E402
+from testing_utils import SHARED_DIR, TF_FIXTURES_DIR  # noqa: E402
 
 from conversion.tf_checkpoint_reader import TFCheckpointReader  # noqa: E402
 from convert_pix2seq_tf_checkpoint import (  # noqa: E402
@@ -85,6 +88,55 @@ def measure(variant):
     }
 
 
+V2_FIXTURES = SHARED_DIR / "reference" / "pix2seq_v2_fixtures"
+# Per task: its name, the teacher-forced input and the greedy case (prompts, samples per prompt, official tokens).
+MULTITASK_CASES = [
+    ("object_detection", "det", "det_seq", "det", None, 1),
+    ("instance_segmentation", "seg", "seg_seq", "seg", "seg_prompt", 2),
+    ("keypoint_detection", "kp", "kp_seq", "kp_raw", "kp_prompt", 1),
+    ("keypoint_detection (crops)", None, None, "kpe2e_raw", "kpe2e_prompt", 1),
+    ("captioning", "cap", "cap_seq", "cap", None, 1),
+]
+
+
+def measure_multitask():
+    """The multi-task fixture converted by the command line's `convert`, compared with the official model per task."""
+    data = np.load(V2_FIXTURES / "multitask_vit_reference.npz")
+    ref = {name: torch.from_numpy(data[name]) for name in data.files}
+    ref["kp_prompt"] = ref["kp_seq"][..., :6]
+    with tempfile.TemporaryDirectory() as output_dir:
+        start = time.perf_counter()
+        model = convert(V2_FIXTURES / "multitask_vit", output_dir)
+        convert_seconds = time.perf_counter() - start
+    model.eval()
+    columns = ref["logits_columns"]
+    rows = []
+    for task, logits_name, sequence, greedy_name, prompt, samples in MULTITASK_CASES:
+        images = ref["kpe2e_images" if greedy_name == "kpe2e_raw" else "images"].permute(0, 3, 1, 2)
+        row = {"task": task}
+        with torch.no_grad():
+            if logits_name is not None:
+                logits = model(pixel_values=images, decoder_input_ids=ref[sequence]).logits
+                row["logits"] = max_diff(logits[..., columns], ref[f"{logits_name}_logits_sub"])
+                row["logsumexp"] = max_diff(logits.logsumexp(dim=-1), ref[f"{logits_name}_logits_lse"])
+            expected = ref[f"{greedy_name}_pred_seq"]
+            start = time.perf_counter()
+            generated = model.detect(
+                images,
+                task=task.split(" ")[0],
+                decoder_input_ids=None if prompt is None else ref[prompt],
+                num_samples=samples,
+                do_sample=False,
+                max_new_tokens=expected.shape[1],
+                eos_token_id=None,
+            )
+            row["greedy_s"] = time.perf_counter() - start
+        row["greedy_tokens"] = list(expected.shape)
+        row["greedy_equal"] = bool(torch.equal(generated.sequences, expected))
+        rows.append(row)
+    return {"convert_s": convert_seconds, "tasks": rows}
+
+
 def released_table():
     """For every folder of `released_configs_2022/`: the command and what the converter builds (meta device)."""
     released_dir = TF_FIXTURES_DIR / "released_configs_2022"
@@ -124,6 +176,7 @@ def released_table():
                 "vocab_size": vocab_size,
                 "labels": f"{len(config.id2label)} {'COCO names' if kind == 'coco' else 'numbered (LABEL_n)'}",
                 "prompt": config.task_token_id,
+                "tasks": list(config.tasks or ["object_detection"]),
             }
         )
     return rows
@@ -150,6 +203,7 @@ def main():
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "fixtures": rows,
         "preprocessing_max_diff": preprocessing_diff(),
+        "multitask": measure_multitask(),
         "released": released_table(),
     }
     header = f"{'fixture':<20} {'encoder out':>11} {'encoded':>9} {'logits':>9} {'greedy':>6} "
@@ -166,6 +220,18 @@ def main():
         "logits from config_2022.json: max |diff| "
         + ", ".join(f"{row['fixture']} {row['logits_from_config_2022']:.1e}" for row in rows)
     )
+    multitask = result["multitask"]
+    print()
+    print(f"multi-task fixture (converted in {multitask['convert_s']:.2f} s)")
+    print(f"{'task':<28} {'logits':>9} {'logsumexp':>9} {'greedy tokens':>14} {'equal':>6} {'greedy s':>8}")
+    for row in multitask["tasks"]:
+        logits = f"{row['logits']:.1e}" if "logits" in row else "-"
+        logsumexp = f"{row['logsumexp']:.1e}" if "logsumexp" in row else "-"
+        tokens = "x".join(map(str, row["greedy_tokens"]))
+        print(
+            f"{row['task']:<28} {logits:>9} {logsumexp:>9} {tokens:>14} {str(row['greedy_equal']):>6} "
+            f"{row['greedy_s']:>8.1f}"
+        )
     print()
     print("| released folder | command | family | image size | parameters | labels |")
     print("| --- | --- | --- | --- | --- | --- |")
