@@ -38,9 +38,8 @@ def test_the_processor_gives_the_official_canvas_of_the_fixture_images(reference
     _, _, processor = converted
     images = [reference["orig_image_0"], reference["orig_image_1"]]
     pixel_values = processor(images, return_tensors="pt")["pixel_values"]
-    # The same canvas and padding; the resampling differs from TF's antialiased bilinear by a little.
     assert pixel_values.shape == (2, 3, 64, 64)
-    torch.testing.assert_close(pixel_values, official_pixels(reference), rtol=0, atol=0.08)
+    torch.testing.assert_close(pixel_values, official_pixels(reference), rtol=0, atol=1e-5)
     for index, (height, width) in enumerate(reference["unpadded_image_size"]):
         assert (pixel_values[index, :, height:] == 0.3).all() and (pixel_values[index, :, :, width:] == 0.3).all()
 
@@ -72,7 +71,7 @@ def test_the_models_greedy_polygons_give_the_official_masks(reference, converted
     prompts = torch.from_numpy(reference["seg_prompt"])  # (2 images, 2 slots, 6); image 1 slot 1 is empty
     with torch.no_grad():
         sequences = model.generate(
-            pixel_values=official_pixels(reference),
+            **processor([reference["orig_image_0"], reference["orig_image_1"]], return_tensors="pt"),
             task="instance_segmentation",
             decoder_input_ids=prompts,
             num_samples=2,
@@ -107,11 +106,13 @@ def test_the_documented_keypoint_calls_give_the_official_points_and_scores(refer
     np.testing.assert_array_equal(persons["crop_sizes"].numpy(), reference["kpe2e_crop_size"])
     np.testing.assert_array_equal(persons["decoder_input_ids"].numpy(), reference["kpe2e_prompt"][:, 0])
     official_crops = torch.from_numpy(reference["kpe2e_images"]).permute(0, 3, 1, 2)
-    torch.testing.assert_close(persons["pixel_values"], official_crops, rtol=0, atol=0.08)
+    torch.testing.assert_close(persons["pixel_values"], official_crops, rtol=0, atol=1e-5)
 
-    # The official crops' pixels, so that the greedy tokens can be compared; the rest is the documented call.
     outputs = model.detect(
-        official_crops, task="keypoint_detection", decoder_input_ids=persons["decoder_input_ids"], do_sample=False
+        persons["pixel_values"],
+        task="keypoint_detection",
+        decoder_input_ids=persons["decoder_input_ids"],
+        do_sample=False,
     )
     np.testing.assert_array_equal(outputs.sequences.numpy(), reference["kpe2e_raw_pred_seq"])
     (people,) = processor.post_process_keypoint_detection(outputs, persons, temperature=1e-7)
