@@ -906,7 +906,8 @@ def tasks_section(config):
     rows = []
     for name, task in config.tasks.items():
         decoding = (
-            f"top-p {task['top_p']} sampling (top-k {task['top_k']}, temperature {task['temperature']})"
+            f"top-p {task.get('top_p', 1.0)} sampling (top-k {task.get('top_k', 0)}, "
+            f"temperature {task.get('temperature', 1.0)})"
             if task.get("do_sample")
             else "greedy"
         )
