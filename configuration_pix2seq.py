@@ -13,6 +13,12 @@ CLASS_LABEL_CORRUPTIONS = ("none", "rand_cls", "real_n_fake_cls", "rand_n_fake_c
 # The tasks of a multi-task (Pix2Seq v2) model, named as transformers' pipelines name them where one exists.
 TASKS = ("object_detection", "instance_segmentation", "keypoint_detection", "captioning")
 DETECTION_TASK = "object_detection"
+# The pipelines (`pipeline_pix2seq.py`) that a folder names: detection's, and those of a multi-task model's tasks.
+TASK_PIPELINES = {
+    "object_detection": ("object-detection", "Pix2SeqObjectDetectionPipeline"),
+    "instance_segmentation": ("image-segmentation", "Pix2SeqImageSegmentationPipeline"),
+    "keypoint_detection": ("keypoint-detection", "Pix2SeqKeypointDetectionPipeline"),
+}
 # Each task's decoding settings in `tasks` that `generate()` reads, with the type they must have; a task's other
 # settings (e.g. `max_instances`, `crop_pad_scale`) are read by the image processor and pipelines.
 TASK_DECODING_SETTINGS = {
@@ -252,15 +258,15 @@ class Pix2SeqConfig(PretrainedConfig):
                 "AutoModelForObjectDetection": "modeling_pix2seq.Pix2SeqForObjectDetection",
             },
         )
-        # `pipeline("object-detection", model=folder, trust_remote_code=True)` builds Pix2Seq's own pipeline class.
+        # `pipeline("object-detection", model=folder, trust_remote_code=True)` builds Pix2Seq's own pipeline class;
+        # so do "image-segmentation" and "keypoint-detection" for a multi-task model with those tasks.
+        tasks_served = {DETECTION_TASK, *(self.tasks or ())}
         kwargs.setdefault(
             "custom_pipelines",
             {
-                "object-detection": {
-                    "impl": "pipeline_pix2seq.Pix2SeqObjectDetectionPipeline",
-                    "pt": ["AutoModelForObjectDetection"],
-                    "type": "image",
-                }
+                name: {"impl": f"pipeline_pix2seq.{cls}", "pt": ["AutoModelForObjectDetection"], "type": "image"}
+                for task, (name, cls) in TASK_PIPELINES.items()
+                if task in tasks_served
             },
         )
         kwargs.setdefault("is_encoder_decoder", True)

@@ -9,6 +9,7 @@ import io
 import os
 import stat
 
+import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
@@ -31,9 +32,35 @@ from transformers.utils import logging
 try:
     from .configuration_pix2seq import Pix2SeqConfig
     from .tokenization_pix2seq import Pix2SeqTokenizer
+    from .tokenization_pix2seq_multitask import (
+        NUM_KEYPOINTS,
+        box_to_crop_canvas,
+        decode_instance_masks,
+        detections_to_canvas_boxes,
+        detections_to_image_boxes,
+        instance_segmentation_prompt,
+        keypoint_crop,
+        keypoint_prompt,
+        post_process_keypoints,
+        resized_size,
+        select_instances,
+    )
 except ImportError:
     from configuration_pix2seq import Pix2SeqConfig
     from tokenization_pix2seq import Pix2SeqTokenizer
+    from tokenization_pix2seq_multitask import (
+        NUM_KEYPOINTS,
+        box_to_crop_canvas,
+        decode_instance_masks,
+        detections_to_canvas_boxes,
+        detections_to_image_boxes,
+        instance_segmentation_prompt,
+        keypoint_crop,
+        keypoint_prompt,
+        post_process_keypoints,
+        resized_size,
+        select_instances,
+    )
 
 
 logger = logging.get_logger(__name__)
@@ -456,8 +483,8 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             height, width = image.shape[-2:]
             scale = side / max(height, width) if do_resize else 1.0
             if do_resize:
-                new_size = SizeDict(height=max(1, round(height * scale)), width=max(1, round(width * scale)))
-                image = self.resize(image, new_size, resample=resample)
+                new_height, new_width = resized_size(height, width, side)
+                image = self.resize(image, SizeDict(height=new_height, width=new_width), resample=resample)
             if do_pad:
                 if max(image.shape[-2:]) > side:
                     raise ValueError(
@@ -545,6 +572,293 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             order = torch.argsort(scores, descending=True)
             results.append({"scores": scores[order], "labels": labels[keep][order], "boxes": boxes[keep][order]})
         return results
+
+    # Pix2Seq v2: the tasks conditioned on a box (instance segmentation, keypoints)
+
+    def prepare_instance_segmentation(self, detections, target_sizes, max_instances=10, threshold=0.0):
+        """
+        The decoder prompts of instance segmentation, built from boxes as the official evaluation builds them from
+        detector boxes (`use_gt_box_at_test`): per image, crowd boxes, boxes without width or height, boxes of class
+        index 0 (no COCO category: the official evaluation records only classes > 0) and boxes scoring below
+        `threshold` are dropped, the `max_instances` best-scored are kept, and each becomes
+        `[11, y_min, x_min, y_max, x_max, 100 + label]` with the box quantized on the padded canvas.
+
+        Args:
+            detections (`list[dict]`): per image, `boxes` `(N, 4)` `(x_min, y_min, x_max, y_max)` in pixels of the
+                original image (what `post_process_object_detection` of this or any transformers detector returns, or
+                ground truth), `labels` `(N,)` (the model's class indices, keys of `id2label`), and optionally
+                `scores` `(N,)` (default 1, as officially for ground-truth boxes) and `iscrowd` `(N,)`.
+            target_sizes (`list[tuple[int, int]]` or `torch.Tensor` of shape `(B, 2)`): `(height, width)` of each
+                original image.
+            max_instances (`int`, *optional*, defaults to 10): boxes kept per image (the official 10).
+            threshold (`float`, *optional*, defaults to 0.0): the lowest score kept (the official evaluation keeps
+                every box).
+
+        Returns:
+            `BatchFeature` of tensors: `decoder_input_ids` `(B, N, 6)`, `N` the most boxes kept in one image (an image
+            with fewer has all-zero prompts in its last slots, as the official empty slots); per slot `instance_labels`,
+            `instance_scores` and `instance_mask` (whether the slot holds a box), `(B, N)`, best score first.
+        """
+        if len(detections) != len(target_sizes):
+            raise ValueError(f"Got {len(detections)} detections for {len(target_sizes)} target sizes.")
+        side = self.image_size
+        selected = []
+        for detection, size in zip(detections, target_sizes):
+            size = tuple(int(side_) for side_ in size)
+            boxes, labels, scores = detection_arrays(detection, threshold)
+            instances = select_instances(detections_to_canvas_boxes(boxes, size, side), labels, scores, max_instances)
+            selected.append((instances, min(len(labels), max_instances)))
+        num_slots = max((count for _, count in selected), default=0)
+        prompts = np.zeros((len(selected), num_slots, 6), dtype=np.int64)
+        labels = np.zeros((len(selected), num_slots), dtype=np.int64)
+        scores = np.zeros((len(selected), num_slots), dtype=np.float32)
+        mask = np.zeros((len(selected), num_slots), dtype=bool)
+        for index, ((image_boxes, image_labels, image_scores), count) in enumerate(selected):
+            prompts[index] = instance_segmentation_prompt(image_boxes, image_labels)[:num_slots]
+            labels[index], scores[index] = image_labels[:num_slots], image_scores[:num_slots]
+            mask[index, :count] = True
+        data = {"decoder_input_ids": prompts, "instance_labels": labels, "instance_scores": scores}
+        return BatchFeature({**data, "instance_mask": mask}, tensor_type="pt")
+
+    def post_process_instance_segmentation(
+        self, outputs, instances, threshold=0.5, mask_threshold=0.5, target_sizes=None, return_binary_maps=False
+    ):
+        """
+        Instance masks from the polygons generated after the prompts of `prepare_instance_segmentation`, in the format
+        of transformers' instance segmentation (DETR, Mask2Former). Every sample is decoded as the official evaluation
+        does (polygons in original pixels, rasterised and joined), and a pixel belongs to the mask where at least
+        `mask_threshold` of the samples of its box cover it (the official 0.5: 4 of 8). An instance's class and score
+        are those of its box (the detector's), as officially.
+
+        Args:
+            outputs: what the model generated, `sequences` `(B * N * S, T)` (or that tensor), rows ordered (image,
+                slot, sample), the prompts excluded (what `detect` returns).
+            instances: the `BatchFeature` of `prepare_instance_segmentation` (`instance_mask`, `instance_labels`,
+                `instance_scores`).
+            threshold (`float`, *optional*, defaults to 0.5): keep instances whose score is above it.
+            mask_threshold (`float`, *optional*, defaults to 0.5): the share of the samples that must cover a pixel.
+            target_sizes (`list[tuple[int, int]]` or `torch.Tensor` of shape `(B, 2)`, *optional*): `(height, width)`
+                of the original images; without them the masks cover the padded canvas.
+            return_binary_maps (`bool`, *optional*, defaults to `False`): return each instance's own mask. Pix2Seq's
+                masks may overlap, which one map of segment ids cannot show.
+
+        Returns:
+            `list[dict]`, one per image:
+            - **segmentation**: `(height, width)` int32 map of segment ids, -1 where no instance is (where masks
+              overlap, the higher-scored instance), or with `return_binary_maps` `(num_segments, height, width)` bool.
+            - **segments_info**: per segment, best score first, `{"id", "label_id", "score"}`.
+        """
+        sequences = outputs.sequences if hasattr(outputs, "sequences") else outputs
+        valid = torch.as_tensor(instances["instance_mask"]).bool().cpu()
+        labels = torch.as_tensor(instances["instance_labels"]).cpu()
+        scores = torch.as_tensor(instances["instance_scores"]).float().cpu()
+        batch_size, num_slots = valid.shape
+        side = self.image_size
+        if target_sizes is None:
+            target_sizes = [(side, side)] * batch_size
+        if len(target_sizes) != batch_size:
+            raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {batch_size} images.")
+        tokens = None
+        if num_slots:
+            sequences = torch.as_tensor(sequences).cpu()
+            if len(sequences) % (batch_size * num_slots):
+                raise ValueError(
+                    f"Got {len(sequences)} generated rows for {batch_size} images of {num_slots} prompts each: the rows "
+                    "must be (image, slot, sample)."
+                )
+            tokens = sequences.reshape(batch_size, num_slots, -1, sequences.shape[-1]).numpy()
+        results = []
+        for index in range(batch_size):
+            height, width = (int(value) for value in target_sizes[index])
+            kept = torch.nonzero(valid[index] & (scores[index] > threshold)).flatten()
+            kept = kept[torch.argsort(scores[index, kept], descending=True, stable=True)]
+            masks = np.zeros((0, height, width), dtype=bool)
+            if len(kept):
+                rows = tokens[index, kept.numpy()]
+                masks, _ = decode_instance_masks(
+                    rows.reshape(-1, rows.shape[-1]),
+                    (height, width),
+                    resized_size(height, width, side),
+                    side,
+                    num_samples=rows.shape[1],
+                    threshold=mask_threshold,
+                )
+            masks = torch.from_numpy(masks)
+            segments_info = [
+                {"id": segment, "label_id": int(labels[index, slot]), "score": float(scores[index, slot])}
+                for segment, slot in enumerate(kept.tolist())
+            ]
+            if return_binary_maps:
+                segmentation = masks
+            else:
+                segmentation = torch.full((height, width), -1, dtype=torch.int32)
+                # The best-scored instance is painted last, so that it wins where masks overlap.
+                for segment in reversed(range(len(masks))):
+                    segmentation[masks[segment]] = segment
+            results.append({"segmentation": segmentation, "segments_info": segments_info})
+        return results
+
+    def prepare_keypoint_detection(self, images, detections, person_label_id=1, crop_pad_scale=0.5, threshold=0.0):
+        """
+        The inputs of keypoint detection, one per person, as the official evaluation builds them: per image, the
+        person boxes of `detections` (class index `person_label_id`, not crowd, with width and height, scoring at
+        least `threshold`) in descending score order; around each, the official crop (the box grown by
+        `crop_pad_scale` of its size on each side, clipped to the image) is cut from the original image and processed
+        like any image, and the box on that crop's canvas becomes the prompt `[12, y_min, x_min, y_max, x_max, 101]`.
+
+        Args:
+            images: the original images (as `preprocess` takes them).
+            detections (`list[dict]`): per image, as `prepare_instance_segmentation` takes them.
+            person_label_id (`int`, *optional*, defaults to 1): the class index of a person (COCO's 1).
+            crop_pad_scale (`float`, *optional*, defaults to 0.5): the crop margin on each side, a share of the box.
+            threshold (`float`, *optional*, defaults to 0.0): the lowest detector score kept (officially 0).
+
+        Returns:
+            `BatchFeature` of tensors, `P` the persons of the whole batch: `pixel_values` `(P, 3, S, S)` (the crops),
+            `decoder_input_ids` `(P, 6)`, `person_boxes` `(P, 4)` (the prompt boxes, `(y_min, x_min, y_max, x_max)`
+            normalised to the crop's canvas), `crop_offsets` and `crop_sizes` `(P, 2)` (`(y, x)` and
+            `(height, width)` in original pixels), `person_scores` `(P,)`, `person_image_index` `(P,)`,
+            `person_bboxes` `(P, 4)` (the given boxes, `(x_min, y_min, x_max, y_max)` pixels) and `image_sizes`
+            `(B, 2)`.
+        """
+        images = [_channels_first(image) for image in self._prepare_images_structure(images)]
+        if len(detections) != len(images):
+            raise ValueError(f"Got {len(detections)} detections for {len(images)} images.")
+        side = self.image_size
+        crops, fields = [], {key: [] for key in ("boxes", "offsets", "sizes", "scores", "index", "bboxes")}
+        for index, (image, detection) in enumerate(zip(images, detections)):
+            size = tuple(image.shape[-2:])
+            boxes, _, scores = detection_arrays(detection, threshold, label=person_label_id)
+            order = np.argsort(-scores, kind="stable")
+            for box, pixel_box, score in zip(
+                detections_to_image_boxes(boxes[order], size), boxes[order], scores[order]
+            ):
+                offset, crop_size = keypoint_crop(box, size, crop_pad_scale)
+                (top, left), (height, width) = offset.tolist(), crop_size.tolist()
+                crops.append(image[:, top : top + height, left : left + width])
+                fields["boxes"].append(box_to_crop_canvas(box, size, offset, crop_size, side))
+                fields["offsets"].append(offset)
+                fields["sizes"].append(crop_size)
+                fields["scores"].append(score)
+                fields["index"].append(index)
+                fields["bboxes"].append(np.concatenate([pixel_box[:2], pixel_box[:2] + pixel_box[2:]]))
+        if crops:
+            pixel_values = self.preprocess(crops, return_tensors="pt")["pixel_values"]
+        else:
+            pixel_values = torch.zeros(0, 3, side, side)
+        boxes = np.asarray(fields["boxes"], dtype=np.float32).reshape(-1, 4)
+        data = {
+            "pixel_values": pixel_values,
+            "decoder_input_ids": keypoint_prompt(boxes),
+            "person_boxes": boxes,
+            "crop_offsets": np.asarray(fields["offsets"], dtype=np.int64).reshape(-1, 2),
+            "crop_sizes": np.asarray(fields["sizes"], dtype=np.int64).reshape(-1, 2),
+            "person_scores": np.asarray(fields["scores"], dtype=np.float32),
+            "person_image_index": np.asarray(fields["index"], dtype=np.int64),
+            "person_bboxes": np.asarray(fields["bboxes"], dtype=np.float32).reshape(-1, 4),
+            "image_sizes": np.asarray([image.shape[-2:] for image in images], dtype=np.int64).reshape(-1, 2),
+        }
+        return BatchFeature(data, tensor_type="pt")
+
+    def post_process_keypoint_detection(
+        self,
+        outputs,
+        persons,
+        threshold=None,
+        suppress_invisible=True,
+        top_k=0,
+        top_p=0.1,
+        temperature=1.0,
+        points_score_weight=1.0,
+        generator=None,
+    ):
+        """
+        The 17 COCO keypoints of each person from what the model generated after the prompts of
+        `prepare_keypoint_detection`, in the format of transformers' `VitPoseImageProcessor.post_process_pose_estimation`.
+        As the official evaluation: every token written as invisible (41) is drawn again with 41 ruled out, from the
+        same logits filtered by `top_k` / `top_p` / `temperature` (the keypoint task's sampling; each position filtered
+        on its own, where the official code mixes positions: see `suppress_invisible_keypoints`); tokens become points
+        in original pixels; the person's score is `points_score_weight` times the mean probability of its non-padding
+        tokens plus `1 - points_score_weight` times the detector's score.
+
+        Args:
+            outputs: what the model generated, with `sequences` `(P, 34)` (prompts excluded) and the raw `logits`
+                `(P, 34, V)` (what `detect` returns).
+            persons: the `BatchFeature` of `prepare_keypoint_detection`.
+            threshold (`float`, *optional*): keep only the keypoints whose score is above it.
+            suppress_invisible (`bool`, *optional*, defaults to `True`): re-draw the invisible tokens (official).
+            top_k, top_p, temperature: the sampling of the re-draw (the official keypoint task: 0, 0.1, 1.0).
+            points_score_weight (`float`, *optional*, defaults to 1.0): the official 1.0 (0.1 in the official demo).
+            generator (`torch.Generator`, *optional*): the random source of the re-draw.
+
+        Returns:
+            `list[list[dict]]`: per image, per person (descending detector score), `keypoints` `(K, 2)` `(x, y)` in
+            original pixels, `scores` `(K,)` (the mean probability of the point's non-padding tokens), `labels` `(K,)`
+            (COCO keypoint indices), `bbox` `(4,)` (the person box, `(x_min, y_min, x_max, y_max)` pixels), and
+            beyond VitPose's fields `score` (the official person score) and `visible` `(K,)` (neither token of the
+            point was written as invisible). A point the model did not write (padding, token 0) has coordinates -1,
+            as officially.
+        """
+        image_index = torch.as_tensor(persons["person_image_index"]).tolist()
+        results = [[] for _ in range(len(persons["image_sizes"]))]
+        if not image_index:
+            return results
+        decoded = post_process_keypoints(
+            outputs.sequences.cpu(),
+            outputs.logits.cpu(),
+            torch.as_tensor(persons["person_boxes"]).cpu().numpy(),
+            torch.as_tensor(persons["crop_offsets"]).cpu().numpy(),
+            torch.as_tensor(persons["crop_sizes"]).cpu().numpy(),
+            torch.as_tensor(persons["person_scores"]).cpu(),
+            self.image_size,
+            suppress_invisible=suppress_invisible,
+            top_k=top_k,
+            top_p=top_p,
+            temperature=temperature,
+            points_score_weight=points_score_weight,
+            generator=generator,
+        )
+        emitted = (decoded["tokens"] != 0).reshape(len(image_index), NUM_KEYPOINTS, 2).float()
+        probabilities = decoded["token_scores"].reshape(len(image_index), NUM_KEYPOINTS, 2)
+        point_scores = (probabilities * emitted).sum(dim=-1) / emitted.sum(dim=-1).clamp(min=1)
+        bboxes = torch.as_tensor(persons["person_bboxes"]).float().cpu()
+        labels = torch.arange(NUM_KEYPOINTS)
+        for person, index in enumerate(image_index):
+            keep = point_scores[person] > threshold if threshold is not None else torch.ones(NUM_KEYPOINTS, dtype=bool)
+            results[index].append(
+                {
+                    "keypoints": decoded["keypoints"][person][keep],
+                    "scores": point_scores[person][keep],
+                    "labels": labels[keep],
+                    "bbox": bboxes[person],
+                    "score": decoded["scores"][person],
+                    "visible": decoded["visible"][person][keep],
+                }
+            )
+        return results
+
+
+def detection_arrays(detection, threshold=0.0, label=None):
+    """
+    The boxes of one image that condition segmentation and keypoints, as the official evaluation reads detector
+    results: `(x_min, y_min, x_max, y_max)` pixel boxes -> `(N, 4)` float64 `(x, y, width, height)` (a COCO result),
+    `(N,)` labels and float32 scores, without crowd boxes, boxes without width or height, class index 0, boxes scoring
+    below `threshold` and, with `label`, boxes of other classes. Missing scores are 1 (ground truth).
+    """
+    boxes = torch.as_tensor(detection["boxes"]).detach().cpu().double().reshape(-1, 4)
+    labels = torch.as_tensor(detection["labels"]).detach().cpu().long().reshape(-1)
+    scores = torch.as_tensor(detection.get("scores", torch.ones(len(labels)))).detach().cpu().float().reshape(-1)
+    crowd = torch.as_tensor(detection.get("iscrowd", torch.zeros(len(labels)))).detach().cpu().bool().reshape(-1)
+    if not len(boxes) == len(labels) == len(scores) == len(crowd):
+        raise ValueError(
+            f"A detection has {len(boxes)} boxes, {len(labels)} labels, {len(scores)} scores and {len(crowd)} iscrowd "
+            "flags: give one of each per box."
+        )
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+    keep = ~crowd & (xywh[:, 2] > 0) & (xywh[:, 3] > 0) & (labels > 0) & (scores >= threshold)
+    if label is not None:
+        keep &= labels == label
+    return xywh[keep].numpy(), labels[keep].numpy(), scores[keep].numpy()
 
 
 def canvas_side(size):

@@ -21,6 +21,14 @@ from functools import lru_cache
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from transformers.generation import TopKLogitsWarper
+
+
+# Relative import for a saved model folder (`trust_remote_code`); the fallback for the repository root.
+try:
+    from .generation_pix2seq import Pix2SeqTopPLogitsWarper
+except ImportError:
+    from generation_pix2seq import Pix2SeqTopPLogitsWarper
 
 
 PAD_TOKEN_ID = 0
@@ -70,7 +78,8 @@ def dequantize(tokens, num_bins=NUM_BINS, coord_token_offset=COORD_TOKEN_OFFSET)
 def resized_size(height, width, canvas_size):
     """
     `(height, width)` of an image resized with its aspect ratio kept so that its longest side fills the canvas,
-    computed in float32 and rounded half to even as the official preprocessing does.
+    computed in float32 and rounded half to even as the official preprocessing does. `Pix2SeqImageProcessor` resizes
+    to this size, so that the decoders map tokens back through the canvas the model saw.
     """
     scale = np.float32(canvas_size) / np.float32(max(height, width))
     return tuple(max(1, int(np.round(scale * np.float32(side)))) for side in (height, width))
@@ -84,7 +93,7 @@ def canvas_ratio(size, canvas_size):
 def normalize_to_image(values, size):
     """`(..., 2 K)` pixel values in `(y, x)` pairs -> normalised to the image, as the official parser does."""
     values = np.asarray(values, dtype=np.float32)
-    pairs = values.reshape(*values.shape[:-1], -1, 2)
+    pairs = values.reshape(*values.shape[:-1], values.shape[-1] // 2, 2)
     return (pairs * (np.float32(1) / np.asarray(size, dtype=np.float32))).reshape(values.shape)
 
 
@@ -100,7 +109,7 @@ def rescale_points(points, scale, offset=(0.0, 0.0)):
     -1/-2/-3 are kept as they are.
     """
     points = np.asarray(points, dtype=np.float32)
-    pairs = points.reshape(*points.shape[:-1], -1, 2)
+    pairs = points.reshape(*points.shape[:-1], points.shape[-1] // 2, 2)
     rescaled = pairs * np.asarray(scale, dtype=np.float32) + np.asarray(offset, dtype=np.float32)
     rescaled = np.where(np.isin(pairs, RESERVED_VALUES), pairs, rescaled)
     return rescaled.reshape(points.shape)
@@ -315,7 +324,7 @@ def to_crop(values, original_size, crop_offset, crop_size):
     original = np.asarray(original_size, dtype=np.float32)
     offset = np.asarray(crop_offset, dtype=np.float32) / original
     scale = original / np.asarray(crop_size, dtype=np.float32)
-    pairs = values.reshape(*values.shape[:-1], -1, 2)
+    pairs = values.reshape(*values.shape[:-1], values.shape[-1] // 2, 2)
     return ((pairs - offset) * scale).reshape(values.shape)
 
 
@@ -338,17 +347,14 @@ def filter_logits(logits, top_k=0, top_p=1.0, temperature=1.0):
     """
     The official sampling filter applied to each position on its own: logits divided by `temperature`, then only the
     `top_k` largest (0: no limit) and the most likely tokens whose cumulative probability is at most `top_p` (always
-    the most likely one); the others are set to -inf. `logits` may have any leading dimensions.
+    the most likely one, the decoding's own `Pix2SeqTopPLogitsWarper`); the others are set to -inf. `logits` may have
+    any leading dimensions.
     """
     logits = logits / temperature
     if top_k > 0:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
+        logits = TopKLogitsWarper(top_k)(None, logits)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) > top_p
-        remove[..., 0] = False
-        logits = logits.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
+        logits = Pix2SeqTopPLogitsWarper(top_p)(None, logits)
     return logits
 
 
@@ -377,13 +383,18 @@ def suppress_invisible_keypoints(tokens, logits, top_k=0, top_p=0.1, temperature
     return torch.where(tokens == INVISIBLE_TOKEN_ID, redraw, tokens), logits
 
 
+def emitted_token_probabilities(tokens, logits):
+    """`(B, T)` probability of each emitted token under the softmax of its `(B, T, V)` logits."""
+    return logits.float().softmax(dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 def keypoint_scores(tokens, logits, detection_scores, points_score_weight=1.0):
     """
     The official keypoint score: `w` times the mean probability of the emitted non-padding tokens plus `1 - w` times
     the detector's score (`w = points_score_weight`, 1.0 in the official configuration). NaN when every token is
     padding, as officially.
     """
-    probs = logits.float().softmax(dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    probs = emitted_token_probabilities(tokens, logits)
     emitted = tokens != PAD_TOKEN_ID
     mean = (probs * emitted).sum(dim=-1) / emitted.sum(dim=-1)
     detection_scores = torch.as_tensor(detection_scores, dtype=mean.dtype, device=mean.device)
@@ -448,7 +459,8 @@ def post_process_keypoints(
     Returns:
         `dict` with `keypoints` `(B, 17, 2)` `(x, y)` pixels of the original image, `visible` `(B, 17)` (neither
         token of the point was the invisible token as generated; the official COCO result marks every point
-        visible), `scores` `(B,)` and `tokens` `(B, 34)` (after the suppression).
+        visible), `scores` `(B,)`, `tokens` `(B, 34)` (after the suppression) and `token_scores` `(B, 34)` (the
+        probability of each of these tokens under the logits that score them).
     """
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     logits = torch.as_tensor(logits)
@@ -462,6 +474,7 @@ def post_process_keypoints(
         "visible": visible,
         "scores": keypoint_scores(tokens, logits, detection_scores, points_score_weight),
         "tokens": tokens,
+        "token_scores": emitted_token_probabilities(tokens, logits),
     }
 
 
@@ -564,6 +577,7 @@ __all__ = [
     "decode_keypoints",
     "dequantize",
     "detections_to_canvas_boxes",
+    "emitted_token_probabilities",
     "filter_logits",
     "instance_segmentation_prompt",
     "join_polygons",

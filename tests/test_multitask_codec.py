@@ -4,19 +4,17 @@ reproduced, the official training sequences rebuilt, and the rules that hold for
 """
 
 import io
-import json
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from testing_utils import SHARED_DIR, require_shared
+from testing_utils import multitask_postprocess_reference
 
 import tokenization_pix2seq_multitask as codec
 
 
-REFERENCE_DIR = SHARED_DIR / "reference" / "pix2seq_v2_fixtures"
 CANVAS = 640  # the post-processing reference uses the official configuration
 SEGMENTATION_CASES = ["segA", "segB", "segC"]
 KEYPOINT_CASES = ["kpA", "kpA_nosuppress", "kpA_colab", "kpB", "kpC_nosuppress", "kpD", "kpD_nosuppress"]
@@ -24,10 +22,7 @@ KEYPOINT_CASES = ["kpA", "kpA_nosuppress", "kpA_colab", "kpB", "kpC_nosuppress",
 
 @pytest.fixture(scope="module")
 def reference():
-    folder = require_shared(REFERENCE_DIR)
-    arrays = np.load(folder / "multitask_postprocess_reference.npz")
-    cases = json.loads((folder / "multitask_postprocess_reference.json").read_text())["cases"]
-    return arrays, cases
+    return multitask_postprocess_reference()
 
 
 def image_size(case, index=0):

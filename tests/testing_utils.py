@@ -28,6 +28,7 @@ from modeling_pix2seq import Pix2SeqForObjectDetection
 # Read-only data beside the repository (reference fixtures, BCCD); never copied into it.
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 TF_FIXTURES_DIR = SHARED_DIR / "reference" / "pix2seq_tf_fixtures"
+V2_FIXTURES_DIR = SHARED_DIR / "reference" / "pix2seq_v2_fixtures"
 BCCD_DIR = SHARED_DIR / "data" / "bccd"
 # The files that travel with a model folder as remote code.
 REMOTE_CODE_FILES = [
@@ -46,6 +47,16 @@ def require_shared(path):
     if not Path(path).exists():
         pytest.skip(f"{path} is absent: these tests need the read-only `shared/` folder beside the repository.")
     return Path(path)
+
+
+def multitask_postprocess_reference():
+    """
+    The official Pix2Seq v2 post-processing reference: its arrays and its cases (inputs, settings, expected results),
+    skipping the calling test without `../shared`.
+    """
+    folder = require_shared(V2_FIXTURES_DIR)
+    arrays = np.load(folder / "multitask_postprocess_reference.npz")
+    return arrays, json.loads((folder / "multitask_postprocess_reference.json").read_text())["cases"]
 
 
 def tiny_config(**overrides):
