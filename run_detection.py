@@ -717,6 +717,23 @@ def check_training_data(split, reader):
     )
 
 
+def option_given(argv, name):
+    """Whether the command line `argv` sets the option `--name` (either spelling, with or without `=value`)."""
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    return any(str(arg).split("=", 1)[0] in spellings for arg in argv)
+
+
+def demo_dataloader_workers(data_args, training_args, argv):
+    """
+    The synthetic demo on a CPU loads its data in the training process unless `--dataloader_num_workers` is given:
+    an image costs about a millisecond to draw and encode, so a worker process would hold a core for little work
+    while the model step, the limit, could use it (on the 2-core demo machine: 181 against 135 images/s,
+    benchmarks/RESULTS.md). Real data, slower to decode, keeps its worker.
+    """
+    if data_args.uses_synthetic_data and training_args.use_cpu and not option_given(argv, "dataloader_num_workers"):
+        training_args.dataloader_num_workers = 0
+
+
 @contextlib.contextmanager
 def threads_beside_workers(training_args):
     """
@@ -762,8 +779,11 @@ def main(argv=None):
     for action in parser._actions:
         if action.dest in ("do_train", "do_eval", "do_predict"):
             action.nargs, action.const = "?", True
+    command_line = sys.argv[1:] if argv is None else list(argv)
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+        with open(sys.argv[1]) as file:
+            command_line = [f"--{key}" for key in json.load(file)]
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     logging.basicConfig(
@@ -776,6 +796,7 @@ def main(argv=None):
         training_args.accelerator_config.dispatch_batches = False
     if data_args.uses_synthetic_data and training_args.max_train_minutes is None:
         training_args.max_train_minutes = 10.0
+    demo_dataloader_workers(data_args, training_args, command_line)
     # Every synthetic image is new, so the demo needs no scale jitter; and crops that cut away every object teach
     # a short run to end its sequences at once (greedy decoding then writes no box at all).
     default_scales = (1.0, 1.0) if data_args.uses_synthetic_data else (0.3, 2.0)

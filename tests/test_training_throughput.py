@@ -5,7 +5,7 @@ import torch
 from testing_utils import Pix2SeqModelTester
 
 from modeling_pix2seq import Pix2SeqForObjectDetection
-from run_detection import threads_beside_workers
+from run_detection import demo_dataloader_workers, threads_beside_workers
 
 
 TESTER = Pix2SeqModelTester(dropout=0.0, drop_path_rate=0.0)
@@ -58,3 +58,19 @@ def test_gpu_training_keeps_its_threads(monkeypatch):
     threads = torch.get_num_threads()
     with threads_beside_workers(SimpleNamespace(use_cpu=False, dataloader_num_workers=4)):
         assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize(
+    "synthetic, use_cpu, argv, expected",
+    [
+        (True, True, [], 0),
+        (True, True, ["--dataloader_num_workers", "1"], 1),
+        (True, True, ["--dataloader-num-workers=1"], 1),
+        (False, True, [], 1),
+        (True, False, [], 1),
+    ],
+)
+def test_the_cpu_demo_draws_its_images_in_the_training_process(synthetic, use_cpu, argv, expected):
+    training_args = SimpleNamespace(use_cpu=use_cpu, dataloader_num_workers=1)
+    demo_dataloader_workers(SimpleNamespace(uses_synthetic_data=synthetic), training_args, argv)
+    assert training_args.dataloader_num_workers == expected
