@@ -2,11 +2,9 @@
 `Pix2SeqCaptionCodec` turns the tokens into text with a SentencePiece model given by path (a tiny one trained here;
 the official `c4_en_32k_spm.model` is not downloadable from this project's machines)."""
 
-import io
-
 import pytest
 import torch
-from testing_utils import tiny_multitask_config
+from testing_utils import tiny_multitask_config, tiny_sentencepiece_model
 
 from modeling_pix2seq import Pix2SeqForObjectDetection
 from tokenization_pix2seq_multitask import Pix2SeqCaptionCodec
@@ -18,23 +16,8 @@ TRAINING_TEXT = [CAPTION] * 8 + ["two cats", "a man on a horse", "a red bus on t
 
 @pytest.fixture(scope="module")
 def vocab_file(tmp_path_factory):
-    """A tiny SentencePiece model with the official special ids: 0 padding, 1 `</s>`, 2 unknown, no BOS."""
-    sentencepiece = pytest.importorskip("sentencepiece")
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(TRAINING_TEXT * 4),
-        model_writer=model,
-        vocab_size=40,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    path = tmp_path_factory.mktemp("spm") / "tiny.model"
-    path.write_bytes(model.getvalue())
-    return path
+    """A tiny SentencePiece model with the official special ids (`testing_utils.tiny_sentencepiece_model`)."""
+    return tiny_sentencepiece_model(TRAINING_TEXT * 4, 40, tmp_path_factory.mktemp("spm"))
 
 
 @pytest.fixture(scope="module")

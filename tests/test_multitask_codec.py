@@ -3,14 +3,12 @@ The Pix2Seq v2 codecs: every case of the official post-processing reference (`mu
 reproduced, the official training sequences rebuilt, and the rules that hold for any input.
 """
 
-import io
-
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from testing_utils import multitask_postprocess_reference
+from testing_utils import multitask_postprocess_reference, tiny_sentencepiece_model
 
 import tokenization_pix2seq_multitask as codec
 
@@ -331,22 +329,8 @@ CAPTIONS = [
 
 @pytest.fixture(scope="module")
 def caption_codec(tmp_path_factory):
-    """A tiny SentencePiece model with the official special ids: 0 padding, 1 `</s>`, 2 unknown, no BOS."""
-    sentencepiece = pytest.importorskip("sentencepiece")
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(CAPTIONS * 4),
-        model_writer=model,
-        vocab_size=60,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    path = tmp_path_factory.mktemp("spm") / "tiny.model"
-    path.write_bytes(model.getvalue())
+    """A tiny SentencePiece model with the official special ids (`testing_utils.tiny_sentencepiece_model`)."""
+    path = tiny_sentencepiece_model(CAPTIONS * 4, 60, tmp_path_factory.mktemp("spm"))
     return codec.Pix2SeqCaptionCodec(path)
 
 

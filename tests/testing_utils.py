@@ -6,6 +6,7 @@ model trained for a few steps, COCO folders, the tiny `run_detection.py` run and
 import contextlib
 import copy
 import functools
+import io
 import json
 import os
 import subprocess
@@ -330,3 +331,26 @@ def tiny_multitask_config(**overrides):
     }
     settings.update(overrides)
     return tiny_config(**settings)
+
+
+def tiny_sentencepiece_model(texts, vocab_size, folder):
+    """
+    A tiny SentencePiece model trained on `texts`, written to `folder/tiny.model`, with the official caption model's
+    special ids: 0 padding, 1 `</s>`, 2 unknown, no BOS. Skips the test where `sentencepiece` is not installed.
+    """
+    sentencepiece = pytest.importorskip("sentencepiece")
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    path = Path(folder) / "tiny.model"
+    path.write_bytes(model.getvalue())
+    return path
