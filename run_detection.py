@@ -781,9 +781,10 @@ def main(argv=None):
             action.nargs, action.const = "?", True
     command_line = sys.argv[1:] if argv is None else list(argv)
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-        with open(sys.argv[1]) as file:
-            command_line = [f"--{key}" for key in json.load(file)]
+        with open(sys.argv[1], encoding="utf-8") as file:
+            settings = json.load(file)
+        model_args, data_args, training_args = parser.parse_dict(settings)
+        command_line = [f"--{key}" for key in settings]
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     logging.basicConfig(
