@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from testing_utils import SHARED_DIR, require_shared, run_isolated
+from testing_utils import OFFICIAL_MULTITASK_TASKS, SHARED_DIR, require_shared, run_isolated
 
 import convert_pix2seq_tf_checkpoint as converter
 from modeling_pix2seq import Pix2SeqForObjectDetection
@@ -16,40 +16,6 @@ from modeling_pix2seq import Pix2SeqForObjectDetection
 
 V2_FIXTURES = SHARED_DIR / "reference" / "pix2seq_v2_fixtures"
 TOLERANCE = 1e-4
-# The official evaluation's settings of each task, as the fixture's configuration states them (captioning greedy).
-OFFICIAL_TASKS = {
-    "object_detection": {
-        "prompt_token_id": 10,
-        "max_new_tokens": 500,
-        "do_sample": True,
-        "top_k": 0,
-        "top_p": 0.4,
-        "temperature": 1.0,
-    },
-    "instance_segmentation": {
-        "prompt_token_id": 11,
-        "max_new_tokens": 256,
-        "do_sample": True,
-        "top_k": 0,
-        "top_p": 0.8,
-        "temperature": 1.0,
-        "num_samples": 8,
-        "max_instances": 10,
-    },
-    "keypoint_detection": {
-        "prompt_token_id": 12,
-        "max_new_tokens": 34,
-        "do_sample": True,
-        "top_k": 0,
-        "top_p": 0.1,
-        "temperature": 1.0,
-        "person_class_token_id": 101,
-        "crop_pad_scale": 0.5,
-        "points_score_weight": 1.0,
-        "suppress_invisible": True,
-    },
-    "captioning": {"prompt_token_id": 13, "max_new_tokens": 511, "do_sample": False, "eos_token_id": 3001},
-}
 
 
 def checkpoint_copy(destination, config_file=None):
@@ -92,7 +58,7 @@ def test_the_converted_config_holds_the_vocabulary_layout_and_every_task(folder)
     assert (config["vocab_size"], config["text_token_offset"], config["task_token_id"]) == (35000, 3000, 10)
     assert (config["polygon_separator_token_id"], config["invisible_keypoint_token_id"]) == (40, 41)
     assert (config["coord_token_offset"], config["num_bins"]) == (1000, 1000)
-    assert config["tasks"] == OFFICIAL_TASKS
+    assert config["tasks"] == OFFICIAL_MULTITASK_TASKS
     # Detection decodes as on a detection-only folder: the official detection decoding in the generation config.
     generation = json.loads((folder / "generation_config.json").read_text())
     assert {key: generation[key] for key in ("do_sample", "top_p", "top_k", "max_new_tokens", "use_grammar")} == {
