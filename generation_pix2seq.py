@@ -191,8 +191,9 @@ def can_generate_static(generation_config, logits_processor, model_kwargs, devic
     """
     Whether `generate_static`, Pix2Seq's decode loop, does all that the call asks: one greedy or sampled sequence
     each, with no setting it lacks. The loop runs where a static cache is asked for and, on a CPU, by default (with
-    a dynamic cache, as `GenerationMixin` would use, and the same random draws: the same tokens, at less cost per
-    token).
+    a dynamic cache, as `GenerationMixin` would use, and the same random draws; its matrix products round
+    differently, in the last bit, so the logits are `GenerationMixin`'s to rounding and the tokens, in every test and
+    benchmark, the same; at less cost per token).
     """
     cache_implementation = generation_config.cache_implementation
     eos_token_id = generation_config.eos_token_id
@@ -230,8 +231,10 @@ def generate_static(model, pixel_values, generation_config, use_grammar):
     - With `cache_implementation="static"`, the cache is a static one and the step has fixed shapes: it is compiled
       under the same rule as `GenerationMixin`'s static-cache forward (on CUDA by default, `compile_config` with
       `mode="reduce-overhead"`: one CUDA graph replay per token).
-    - Otherwise (a CPU's default), the cache is a dynamic one, as `GenerationMixin`'s, and the step runs eagerly: it
-      computes what `GenerationMixin` computes, with the same random draws, without its per-token bookkeeping.
+    - Otherwise (a CPU's default), the cache is a dynamic one, as `GenerationMixin`'s, and the step runs eagerly
+      within `model.decoding_projections()` (fused query/key/value products, products computed weight first): it
+      computes what `GenerationMixin` computes, to rounding, with the same random draws, without its per-token
+      bookkeeping.
     """
     config = model.config
     encoder_hidden_states = model.model.encoder(pixel_values).last_hidden_state  # (B, S, D)
@@ -264,7 +267,7 @@ def generate_static(model, pixel_values, generation_config, use_grammar):
     compiled = model._valid_auto_compile_criteria({"cache": cache}, generation_config)
     step_fn = decode_step
     # A compiled step fuses kernels its own way.
-    with contextlib.nullcontext() if compiled else model.model.decoder.fused_qkv_projections():
+    with contextlib.nullcontext() if compiled else model.decoding_projections():
         for step in range(max_new_tokens):
             if step == 1 and compiled:
                 # The first step allocates the cache and projects the image keys/values: it stays eager.

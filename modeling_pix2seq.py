@@ -10,6 +10,7 @@ decoding rules live in `generation_pix2seq.py`.
 
 import contextlib
 import copy
+import functools
 import math
 from dataclasses import dataclass
 
@@ -131,7 +132,7 @@ class Pix2SeqAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, hidden_size)
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
-        # `(weight, bias)` of the query, key and value projections stacked, set by
+        # `(product, weight, bias)`: how to project and the query, key and value projections stacked, set by
         # `Pix2SeqDecoder.fused_qkv_projections` for the length of a decoding call.
         self.fused_qkv = None
 
@@ -140,8 +141,9 @@ class Pix2SeqAttention(nn.Module):
         is_cross = key_value_states is not None
         fused = self.fused_qkv is not None and not is_cross
         if fused:
+            product, weight, bias = self.fused_qkv
             query, key, value = (
-                nn.functional.linear(hidden_states, *self.fused_qkv)
+                product(hidden_states, weight, bias)
                 .view(batch_size, length, 3, -1, self.head_dim)
                 .permute(2, 0, 3, 1, 4)
             )  # 3 x (B, H, T, d)
@@ -173,6 +175,18 @@ class Pix2SeqAttention(nn.Module):
             scaling=self.scaling,
         )
         return self.out_proj(output.reshape(batch_size, length, -1)), weights
+
+
+def weight_first_linear(inputs, weight, bias=None):
+    """
+    `nn.functional.linear(inputs, weight, bias)` computed weight first, as `(weight @ inputs^T)^T`: the same sums,
+    rounded differently (outputs within about one unit in the last place). For the few rows of a decoding step, MKL
+    computes this 2x faster on a CPU than the `inputs @ weight^T` of `nn.functional.linear`, and no slower up to 160
+    rows (`benchmarks/bench_decode_kernels.py`). Returns a transposed view, `(..., D_out)`.
+    """
+    rows = inputs.reshape(-1, inputs.shape[-1]).t()  # (D_in, N)
+    outputs = weight @ rows if bias is None else torch.addmm(bias.unsqueeze(1), weight, rows)  # (D_out, N)
+    return outputs.t().reshape(*inputs.shape[:-1], weight.shape[0])
 
 
 class Pix2SeqMLP(nn.Module):
@@ -468,17 +482,19 @@ class Pix2SeqDecoder(nn.Module):
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
     @contextlib.contextmanager
-    def fused_qkv_projections(self):
+    def fused_qkv_projections(self, product=nn.functional.linear):
         """
         Within, each self-attention projects its queries, keys and values in one matrix product instead of three
-        (the same numbers): a decoding step is dominated by per-kernel costs, so fewer, larger kernels are faster.
-        The stacked weights are built on entry and dropped on exit, so that they never outlive a change of the
-        weights; the saved parameters stay the three projections.
+        (with `nn.functional.linear`, the same numbers): a decoding step is dominated by per-kernel costs, so fewer,
+        larger kernels are faster. `product(inputs, weight, bias)` computes it. The stacked weights are built on entry
+        and dropped on exit, so that they never outlive a change of the weights; the saved parameters stay the three
+        projections.
         """
         attentions = [layer.self_attn for layer in self.layers if isinstance(layer.self_attn.q_proj, nn.Linear)]
         for attention in attentions:
             projections = (attention.q_proj, attention.k_proj, attention.v_proj)
             attention.fused_qkv = (
+                product,
                 torch.cat([projection.weight for projection in projections]),  # (3 * D, D)
                 torch.cat([projection.bias for projection in projections]),
             )
@@ -859,6 +875,30 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         rows = decoder_input_ids.reshape(batch_size * instances, -1).repeat_interleave(num_samples, dim=0)
         return rows, tile_encoding(encoder_outputs, instances * num_samples)
 
+    @contextlib.contextmanager
+    def decoding_projections(self):
+        """
+        What Pix2Seq's decode loop runs within: each decoder self-attention projects queries, keys and values in one
+        product (`Pix2SeqDecoder.fused_qkv_projections`), and every product of the decoder's Linear layers and of the
+        output layer is computed weight first (`weight_first_linear`). A decoding step is a few dozen products of a
+        few rows by the decoder's weights, so that is where its time goes; the logits differ from the plain forward's
+        by rounding only. Linear layers that another tool already wraps (an instance `forward`, e.g. accelerate's
+        hooks) and quantized ones are left as they are; on exit every layer computes as before.
+        """
+        linears = [
+            module
+            for module in (*self.model.decoder.layers.modules(), self.lm_head)
+            if type(module) is nn.Linear and "forward" not in vars(module)
+        ]
+        for linear in linears:
+            linear.forward = functools.partial(_weight_first_forward, linear)
+        try:
+            with self.model.decoder.fused_qkv_projections(weight_first_linear):
+                yield
+        finally:
+            for linear in linears:
+                vars(linear).pop("forward", None)
+
     def _prepare_decoder_input_ids_for_generation(self, batch_size, model_input_name, model_kwargs, *args, **kwargs):
         # A Pix2Seq prompt already starts with its task's token, which differs between rows where a row is an empty
         # slot: given prompts are used as they are, never behind a start token.
@@ -901,6 +941,10 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         return Pix2SeqObjectDetectionOutput(sequences=generated.sequences[:, -logits.shape[1] :], logits=logits)
 
 
+def _weight_first_forward(linear, inputs):
+    return weight_first_linear(inputs, linear.weight, linear.bias)
+
+
 def quantize_decoder_int8(model):
     """
     Opt-in, for CPU inference: turns the decoder's Linear layers (attention projections, MLPs) and the output layer of
@@ -922,4 +966,10 @@ Pix2SeqForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
 # loses what `AutoModelForObjectDetection.register` adds) and logs an ERROR listing ~150 models when it is absent.
 MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES.setdefault("pix2seq", "Pix2SeqForObjectDetection")
 
-__all__ = ["Pix2SeqPreTrainedModel", "Pix2SeqModel", "Pix2SeqForObjectDetection", "quantize_decoder_int8"]
+__all__ = [
+    "Pix2SeqPreTrainedModel",
+    "Pix2SeqModel",
+    "Pix2SeqForObjectDetection",
+    "quantize_decoder_int8",
+    "weight_first_linear",
+]

@@ -239,11 +239,12 @@ def time_case(case, images):
     }
 
 
-def profile_decode_step(folder, images, step, output_path, steps=20):
+def profile_decode_step(folder, images, step, output_path, steps=20, top_ops=15):
     """A `torch.profiler` table of decode steps of `model.generate` (batch 2), per step: `steps` consecutive steps are
     recorded and their times divided by `steps` (one step alone is at the mercy of a busy machine). A forward pre-hook
     on the decoder marks each step, so each recorded window is one step, decoder to the next decoder call (logits
-    processors, sampling, stopping and cache bookkeeping included)."""
+    processors, sampling, stopping and cache bookkeeping included). The `top_ops` costliest operators are returned
+    (all of them, with the profiler's step marker, when `top_ops` is None)."""
     from torch.profiler import ProfilerActivity, profile, schedule
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
@@ -275,7 +276,8 @@ def profile_decode_step(folder, images, step, output_path, steps=20):
         f"(ProfilerStep*: Python between operators and the profiler's bookkeeping); {total / steps / 1e3:.2f} ms "
         f"per step in all:\n\n" + "\n".join(lines) + "\n"
     )
-    top = sorted(operators, key=lambda event: event.self_cpu_time_total, reverse=True)[:15]
+    top = sorted(events if top_ops is None else operators, key=lambda event: event.self_cpu_time_total, reverse=True)
+    top = top if top_ops is None else top[:top_ops]
     return {
         "batch_size": len(images),
         "after_tokens": step,

@@ -8,7 +8,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 import modeling_pix2seq
 from generation_pix2seq import Pix2SeqGrammarLogitsProcessor, Pix2SeqTopPLogitsWarper, cache_field, class_token_ids
-from modeling_pix2seq import quantize_decoder_int8
+from modeling_pix2seq import quantize_decoder_int8, weight_first_linear
 
 
 @pytest.fixture
@@ -178,7 +178,8 @@ def test_cpu_default_generation_runs_the_decode_loop_and_writes_what_generation_
         )
     assert len(loop_calls) == 1
     torch.testing.assert_close(outputs["loop"].sequences, outputs["generation_mixin"].sequences, rtol=0, atol=0)
-    torch.testing.assert_close(outputs["loop"].logits, outputs["generation_mixin"].logits, rtol=0, atol=0)
+    # The loop computes the decoder's products weight first (`decoding_projections`): the logits differ by rounding.
+    torch.testing.assert_close(outputs["loop"].logits, outputs["generation_mixin"].logits, rtol=0, atol=1e-5)
 
 
 def test_cpu_generation_with_a_setting_the_loop_lacks_goes_through_generation_mixin(model, pixel_values, monkeypatch):
@@ -227,6 +228,47 @@ def test_fused_qkv_projections_give_the_numbers_of_three_projections_and_never_o
     reference = model.generate(pixel_values, do_sample=False, logits_processor=[Unchanged()])
     assert not torch.equal(after, before)
     torch.testing.assert_close(after, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 256), (3, 1, 48), (2, 5, 48), (160, 48)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_weight_first_linear_is_linear_to_rounding(shape, bias):
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(*shape, generator=generator)
+    weight = torch.randn(40, shape[-1], generator=generator) / shape[-1] ** 0.5  # outputs of about unit scale
+    bias = torch.randn(40, generator=generator) if bias else None
+    expected = torch.nn.functional.linear(inputs, weight, bias)
+    torch.testing.assert_close(weight_first_linear(inputs, weight, bias), expected, rtol=0, atol=1e-5)
+
+
+def test_decoding_projections_change_only_the_rounding_and_leave_every_layer_as_it_was(model, pixel_values):
+    """Within `decoding_projections` (the decode loop's), the decoder's products are computed weight first: a step's
+    logits are the plain forward's to rounding. A Linear layer that another tool wraps through an instance `forward`
+    (as accelerate's hooks do) keeps its wrapper; on exit no other layer keeps an instance `forward`."""
+    decoder = model.model.decoder
+    wrapped = decoder.layers[0].mlp.fc1
+    wrapper_calls = []
+    wrapped_forward = wrapped.forward
+    wrapped.forward = lambda inputs: wrapper_calls.append(1) or wrapped_forward(inputs)
+    linears = [module for module in (*decoder.modules(), model.lm_head) if isinstance(module, torch.nn.Linear)]
+    with torch.no_grad():
+        outputs = model(
+            pixel_values=pixel_values, decoder_input_ids=torch.full((3, 4), model.config.task_token_id), use_cache=True
+        )
+        cache = getattr(outputs, cache_field())
+        step_inputs = {
+            "decoder_input_ids": torch.full((3, 1), 7),
+            "encoder_outputs": BaseModelOutput(last_hidden_state=outputs.encoder_last_hidden_state),
+            "use_cache": True,
+        }
+        plain = model(**step_inputs, cache=copy.deepcopy(cache)).logits
+        with model.decoding_projections():
+            assert "forward" in vars(model.lm_head) and "forward" in vars(decoder.layers[-1].mlp.fc2)
+            weight_first = model(**step_inputs, cache=copy.deepcopy(cache)).logits
+    assert len(wrapper_calls) == 3  # the prompt, then the step plain and weight first
+    assert [module for module in linears if "forward" in vars(module)] == [wrapped]
+    assert all(layer.self_attn.fused_qkv is None for layer in decoder.layers)
+    torch.testing.assert_close(weight_first, plain, rtol=0, atol=1e-5)
 
 
 def test_int8_decoder_writes_nearly_the_same_tokens(model, pixel_values):
