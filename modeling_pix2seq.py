@@ -177,16 +177,24 @@ class Pix2SeqAttention(nn.Module):
         return self.out_proj(output.reshape(batch_size, length, -1)), weights
 
 
+# Up to this many rows (tokens of a decoding step across the batch), `weight_first_linear` computes weight first.
+WEIGHT_FIRST_MAX_ROWS = 16
+
+
 def weight_first_linear(inputs, weight, bias=None):
     """
-    `nn.functional.linear(inputs, weight, bias)` computed weight first, as `(weight @ inputs^T)^T`: the same sums,
-    rounded differently (outputs within about one unit in the last place). For the few rows of a decoding step, MKL
-    computes this 2x faster on a CPU than the `inputs @ weight^T` of `nn.functional.linear`, and no slower up to 160
-    rows (`benchmarks/bench_decode_kernels.py`). Returns a transposed view, `(..., D_out)`.
+    `nn.functional.linear(inputs, weight, bias)`, computed weight first, as `(weight @ inputs^T)^T`, for up to
+    `WEIGHT_FIRST_MAX_ROWS` rows: the same sums, rounded differently (outputs within about one unit in the last
+    place). For the few rows of a decoding step, MKL computes this about 2x faster on a CPU than the
+    `inputs @ weight^T` of `nn.functional.linear` (`benchmarks/bench_decode_kernels.py`); with more rows the gain
+    measured smaller and varied from run to run, so more rows keep `nn.functional.linear`. Returns a contiguous
+    tensor (SDPA's fast CPU kernel needs one).
     """
-    rows = inputs.reshape(-1, inputs.shape[-1]).t()  # (D_in, N)
-    outputs = weight @ rows if bias is None else torch.addmm(bias.unsqueeze(1), weight, rows)  # (D_out, N)
-    return outputs.t().reshape(*inputs.shape[:-1], weight.shape[0])
+    rows = inputs.reshape(-1, inputs.shape[-1])
+    if rows.shape[0] > WEIGHT_FIRST_MAX_ROWS:
+        return nn.functional.linear(inputs, weight, bias)
+    outputs = weight @ rows.t() if bias is None else torch.addmm(bias.unsqueeze(1), weight, rows.t())  # (D_out, N)
+    return outputs.t().contiguous().view(*inputs.shape[:-1], weight.shape[0])
 
 
 class Pix2SeqMLP(nn.Module):

@@ -8,11 +8,13 @@ times, for the 37 products in turn as one step runs them:
 
 - `F.linear(x, W, b)`, as the model runs them (the reference numbers);
 - other ways to compute the same products in fp32: a pre-transposed weight (`addmm(b, x, W^T contiguous)`), the
-  weight as the left operand (`(W @ x^T)^T + b`), MKL's pre-packed weights (`torch.ops.mkl._mkl_linear`);
+  weight first (`weight_first_linear`, `(W @ x^T)^T`, what the decode loop now runs), MKL's pre-packed weights
+  (`torch.ops.mkl._mkl_linear`);
 - fewer bytes per weight: bf16 weights and activations, and the opt-in int8 decoder's dynamically quantized layers;
 
 each with its time, the weight bytes it reads per second, and how far its outputs are from the reference's (max
-absolute difference, and whether every bit is equal). Beside them, the read bandwidth this core reaches on a tensor
+absolute difference, and whether every bit is equal); then `F.linear` against the weight-first product at other row
+counts (`--rows`: a batch of images, or several rows per image). Beside them, the read bandwidth this core reaches on a tensor
 as large as the weights (`sum`), and on one of 400 MB: what a product bound by reading its weights could reach.
 
 `--compile` adds the compiled decode step (transformers' own route: `cache_implementation="static"` with a
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from benchmarks.bench_cpu import REPO_ROOT, load_average, machine_info, official_settings
+from modeling_pix2seq import weight_first_linear
 
 
 def official_model():
@@ -93,7 +96,7 @@ def kernel_variants(products, batch_size):
         "addmm, pre-transposed weight": lambda: [
             torch.addmm(bias, inputs[weight.shape[0]], weight) for weight, bias in transposed
         ],
-        "weight as left operand, (W @ x^T)^T + b": run(products, lambda x, w, b: (w @ x.t()).t() + b),
+        "weight first (weight_first_linear: the decode loop)": run(products, weight_first_linear),
     }
     if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
         packed = [
@@ -135,6 +138,20 @@ def kernel_variants(products, batch_size):
             }
         )
     return rows, weights
+
+
+def rows_sweep(products, rows_list):
+    """ms for the step's products at each row count: `F.linear` against the weight-first product (no row limit)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for count in rows_list:
+        inputs = {weight.shape[1]: torch.randn(count, weight.shape[1], generator=generator) for weight, _ in products}
+        plain = timed(lambda: [nn.functional.linear(inputs[w.shape[1]], w, b) for w, b in products], 20)
+        weight_first = timed(
+            lambda: [torch.addmm(b.unsqueeze(1), w, inputs[w.shape[1]].t()).t().contiguous() for w, b in products], 20
+        )
+        rows.append({"rows": count, "linear_ms": plain * 1e3, "weight_first_ms": weight_first * 1e3})
+    return rows
 
 
 def read_bandwidth(megabytes):
@@ -218,6 +235,7 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also time the compiled decode step (minutes)")
     parser.add_argument("--tokens", type=int, default=200, help="new tokens per call in the --compile runs")
     parser.add_argument("--seeds", type=int, default=4, help="calls (one seed each) per --compile run")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 80], help="rows to sweep")
     parser.add_argument("--output", default="benchmarks/bench_decode_kernels.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,18 +245,23 @@ def main():
     load_before = load_average()
     products = step_products(official_model())
     rows, weights = kernel_variants(products, args.batch_size)
+    sweep = rows_sweep(products, args.rows)
     weight_megabytes = weights * 4 / 1e6
     bandwidth = {
         f"sum over {weight_megabytes:.0f} MB (GB/s)": read_bandwidth(weight_megabytes),
         "sum over 400 MB (GB/s)": read_bandwidth(400),
     }
     print(f"{len(products)} products of {args.batch_size} rows per step, {weights / 1e6:.2f} M weights")
-    print(f"{'variant':<42} {'ms/step':>8} {'MB':>6} {'GB/s':>6} {'max |diff|':>11} {'same bits':>9}")
+    print(f"{'variant':<54} {'ms/step':>8} {'MB':>6} {'GB/s':>6} {'max |diff|':>11} {'same bits':>9}")
     for row in rows:
         print(
-            f"{row['variant']:<42} {row['ms_per_step']:>8.3f} {row['weight_megabytes']:>6.1f} "
+            f"{row['variant']:<54} {row['ms_per_step']:>8.3f} {row['weight_megabytes']:>6.1f} "
             f"{row['weight_gigabytes_per_second']:>6.1f} {row['max_abs_difference']:>11.2e} {str(row['bit_equal']):>9}"
         )
+    print(
+        "rows: F.linear ms / weight first ms, "
+        + ", ".join(f"{row['rows']}: {row['linear_ms']:.2f} / {row['weight_first_ms']:.2f}" for row in sweep)
+    )
     for name, value in bandwidth.items():
         print(f"read bandwidth, {name}: {value:.1f}")
     compiled = compiled_rows(args.threads, args.tokens, args.seeds) if args.compile else None
@@ -261,6 +284,7 @@ def main():
         "products_per_step": len(products),
         "weights": weights,
         "variants": rows,
+        "rows_sweep": sweep,
         "read_bandwidth": bandwidth,
         "compiled_decode_step": compiled,
     }
