@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 from transformers import CompileConfig
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache, StaticCache
 from transformers.generation import GenerateEncoderDecoderOutput, LogitsProcessor
 from transformers.modeling_outputs import Seq2SeqModelOutput
 
@@ -22,6 +22,63 @@ from transformers.modeling_outputs import Seq2SeqModelOutput
 def cache_field():
     """The name of the cache field of transformers' outputs (`cache` from 5.24, `past_key_values` before)."""
     return "cache" if "cache" in Seq2SeqModelOutput.__dataclass_fields__ else "past_key_values"
+
+
+class PreallocatedLayer(DynamicLayer):
+    """
+    A dynamic cache layer that keeps its keys and values in buffers made for `capacity` positions: each update writes
+    in place, and `keys`/`values` are views of the positions written so far, what a `DynamicLayer` holds, without
+    the concatenation by which a `DynamicLayer` grows (a new allocation and a copy of the whole layer, every step).
+    Past `capacity` the buffers double.
+    """
+
+    def __init__(self, capacity):
+        super().__init__()
+        self.capacity = capacity
+        self.key_buffer = self.value_buffer = None
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        self.key_buffer = self.value_buffer = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        end = length + key_states.shape[-2]
+        if self.key_buffer is None or end > self.key_buffer.shape[-2]:
+            capacity = max(self.capacity, 2 * end)
+            buffers = []
+            for cached, new in ((self.keys, key_states), (self.values, value_states)):
+                buffer = new.new_empty((*new.shape[:-2], capacity, new.shape[-1]))
+                if length:
+                    buffer[..., :length, :] = cached
+                buffers.append(buffer)
+            self.key_buffer, self.value_buffer = buffers
+        self.key_buffer[..., length:end, :] = key_states
+        self.value_buffer[..., length:end, :] = value_states
+        self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
+        return self.keys, self.values
+
+    def _drop_buffers(self):
+        # `DynamicLayer` made new `keys`/`values` (not views of the buffers): the next update copies them into new
+        # buffers. (`crop` leaves views of the buffers' first positions, where the next update goes on writing.)
+        self.key_buffer = self.value_buffer = None
+
+    def batch_repeat_interleave(self, repeats):
+        super().batch_repeat_interleave(repeats)
+        self._drop_buffers()
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        self._drop_buffers()
+
+
+def preallocated_cache(config, capacity):
+    """A `DynamicCache` of `PreallocatedLayer`s, one per decoder layer."""
+    cache = DynamicCache(config=config)
+    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
 
 
 def coordinate_tokens(config):
@@ -231,7 +288,8 @@ def generate_static(model, pixel_values, generation_config, use_grammar):
     - With `cache_implementation="static"`, the cache is a static one and the step has fixed shapes: it is compiled
       under the same rule as `GenerationMixin`'s static-cache forward (on CUDA by default, `compile_config` with
       `mode="reduce-overhead"`: one CUDA graph replay per token).
-    - Otherwise (a CPU's default), the cache is a dynamic one, as `GenerationMixin`'s, and the step runs eagerly
+    - Otherwise (a CPU's default), the cache is a dynamic one, as `GenerationMixin`'s, its self-attention layers
+      writing into buffers made once per call (`PreallocatedLayer`: the same values), and the step runs eagerly
       within `model.decoding_projections()` (fused query/key/value products, products computed weight first): it
       computes what `GenerationMixin` computes, to rounding, with the same random draws, without its per-token
       bookkeeping.
@@ -243,7 +301,7 @@ def generate_static(model, pixel_values, generation_config, use_grammar):
     if generation_config.cache_implementation == "static":
         cache, finished = _static_decoding_state(model, encoder_hidden_states, max_new_tokens)
     else:
-        cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+        cache = EncoderDecoderCache(preallocated_cache(config, max_new_tokens + 1), DynamicCache(config=config))
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     grammar = Pix2SeqGrammarLogitsProcessor(config)
     blocked = (grammar.blocked if use_grammar else torch.zeros_like(grammar.blocked)).to(device)  # (5, V)
@@ -367,6 +425,7 @@ def _compiled_decode_step(model, compile_config):
 __all__ = [
     "Pix2SeqGrammarLogitsProcessor",
     "Pix2SeqTopPLogitsWarper",
+    "PreallocatedLayer",
     "can_generate_static",
     "choose_stop_or_object",
     "decoding_processors",

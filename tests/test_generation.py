@@ -4,10 +4,17 @@ import pytest
 import torch
 from testing_utils import cpu_compile_config, trained_tiny_model
 from transformers import LogitsProcessor
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutput
 
 import modeling_pix2seq
-from generation_pix2seq import Pix2SeqGrammarLogitsProcessor, Pix2SeqTopPLogitsWarper, cache_field, class_token_ids
+from generation_pix2seq import (
+    Pix2SeqGrammarLogitsProcessor,
+    Pix2SeqTopPLogitsWarper,
+    PreallocatedLayer,
+    cache_field,
+    class_token_ids,
+)
 from modeling_pix2seq import quantize_decoder_int8, weight_first_linear
 
 
@@ -269,6 +276,39 @@ def test_decoding_projections_change_only_the_rounding_and_leave_every_layer_as_
     assert [module for module in linears if "forward" in vars(module)] == [wrapped]
     assert all(layer.self_attn.fused_qkv is None for layer in decoder.layers)
     torch.testing.assert_close(weight_first, plain, rtol=0, atol=1e-5)
+
+
+def test_preallocated_layer_holds_what_a_dynamic_layer_holds():
+    """The decode loop's self-attention cache layer writes into buffers made once: after every update, and after
+    growing past its capacity, a crop, a batch selection or repetition, it holds exactly what transformers'
+    `DynamicLayer` holds."""
+    generator = torch.Generator().manual_seed(0)
+    preallocated, dynamic = PreallocatedLayer(capacity=6), DynamicLayer()
+    buffers = []
+
+    def update(length, batch_size=3):
+        keys, values = (torch.randn(batch_size, 2, length, 4, generator=generator) for _ in range(2))
+        returned = preallocated.update(keys, values)
+        expected = dynamic.update(keys, values)
+        for got, want in zip((*returned, preallocated.keys, preallocated.values), (*expected, *expected)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        buffers.append(preallocated.key_buffer.data_ptr())
+
+    for length in (4, 1, 1):
+        update(length)
+    assert len(set(buffers)) == 1  # written in place, no new allocation
+    update(1)  # 7 positions: past the capacity of 6
+    assert preallocated.key_buffer.shape[-2] >= 7
+    preallocated.crop(-2)
+    dynamic.crop(-2)
+    update(1)
+    preallocated.batch_select_indices(torch.tensor([2, 0]))
+    dynamic.batch_select_indices(torch.tensor([2, 0]))
+    update(1, batch_size=2)
+    preallocated.batch_repeat_interleave(2)
+    dynamic.batch_repeat_interleave(2)
+    update(1, batch_size=4)
+    assert preallocated.get_seq_length() == dynamic.get_seq_length() == 8
 
 
 def test_int8_decoder_writes_nearly_the_same_tokens(model, pixel_values):
