@@ -141,7 +141,11 @@ def kernel_variants(products, batch_size):
 
 
 def rows_sweep(products, rows_list):
-    """ms for the step's products at each row count: `F.linear` against the weight-first product (no row limit)."""
+    """
+    ms for the step's products at each row count: `F.linear`, the plain weight-first product
+    (`addmm(b, W, x^T)^T`, at any count), and `weight_first_linear` as the decode loop runs it (one row computed as
+    two, `F.linear` above `WEIGHT_FIRST_MAX_ROWS`).
+    """
     generator = torch.Generator().manual_seed(0)
     rows = []
     for count in rows_list:
@@ -150,7 +154,15 @@ def rows_sweep(products, rows_list):
         weight_first = timed(
             lambda: [torch.addmm(b.unsqueeze(1), w, inputs[w.shape[1]].t()).t().contiguous() for w, b in products], 20
         )
-        rows.append({"rows": count, "linear_ms": plain * 1e3, "weight_first_ms": weight_first * 1e3})
+        loop = timed(lambda: [weight_first_linear(inputs[w.shape[1]], w, b) for w, b in products], 20)
+        rows.append(
+            {
+                "rows": count,
+                "linear_ms": plain * 1e3,
+                "weight_first_ms": weight_first * 1e3,
+                "weight_first_linear_ms": loop * 1e3,
+            }
+        )
     return rows
 
 
@@ -258,10 +270,12 @@ def main():
             f"{row['variant']:<54} {row['ms_per_step']:>8.3f} {row['weight_megabytes']:>6.1f} "
             f"{row['weight_gigabytes_per_second']:>6.1f} {row['max_abs_difference']:>11.2e} {str(row['bit_equal']):>9}"
         )
-    print(
-        "rows: F.linear ms / weight first ms, "
-        + ", ".join(f"{row['rows']}: {row['linear_ms']:.2f} / {row['weight_first_ms']:.2f}" for row in sweep)
-    )
+    print("rows: F.linear / weight first / weight_first_linear, ms for the step's products")
+    for row in sweep:
+        print(
+            f"  {row['rows']:>4}: {row['linear_ms']:.2f} / {row['weight_first_ms']:.2f} / "
+            f"{row['weight_first_linear_ms']:.2f}"
+        )
     for name, value in bandwidth.items():
         print(f"read bandwidth, {name}: {value:.1f}")
     compiled = compiled_rows(args.threads, args.tokens, args.seeds) if args.compile else None

@@ -237,7 +237,7 @@ def test_fused_qkv_projections_give_the_numbers_of_three_projections_and_never_o
     torch.testing.assert_close(after, reference, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("shape", [(2, 256), (3, 1, 48), (2, 5, 48), (160, 48)])
+@pytest.mark.parametrize("shape", [(1, 256), (1, 1, 48), (2, 256), (3, 1, 48), (2, 5, 48), (160, 48)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_weight_first_linear_is_linear_to_rounding(shape, bias):
     generator = torch.Generator().manual_seed(0)
