@@ -207,21 +207,26 @@ def test_the_exponential_race_draws_what_torch_multinomial_draws_for_one_sample(
         assert torch.equal(race, multinomial)
 
 
+def decode_step_inputs(model, pixel_values):
+    """The inputs of one decoding step of 3 rows after a 4-token prompt, and the cache the prompt left."""
+    outputs = model(
+        pixel_values=pixel_values, decoder_input_ids=torch.full((3, 4), model.config.task_token_id), use_cache=True
+    )
+    step_inputs = {
+        "decoder_input_ids": torch.full((3, 1), 7),
+        "encoder_outputs": BaseModelOutput(last_hidden_state=outputs.encoder_last_hidden_state),
+        "use_cache": True,
+    }
+    return step_inputs, getattr(outputs, cache_field())
+
+
 def test_fused_qkv_projections_give_the_numbers_of_three_projections_and_never_outlive_the_call(model, pixel_values):
     """In the decode loop, the self-attentions project queries, keys and values in one product: a step computes the
     same numbers as with the three projections, and weights changed between calls (here in place, through `.data`,
     which leaves no trace on the parameter) are used by the next call."""
     decoder = model.model.decoder
     with torch.no_grad():
-        outputs = model(
-            pixel_values=pixel_values, decoder_input_ids=torch.full((3, 4), model.config.task_token_id), use_cache=True
-        )
-        cache = getattr(outputs, cache_field())
-        step_inputs = {
-            "decoder_input_ids": torch.full((3, 1), 7),
-            "encoder_outputs": BaseModelOutput(last_hidden_state=outputs.encoder_last_hidden_state),
-            "use_cache": True,
-        }
+        step_inputs, cache = decode_step_inputs(model, pixel_values)
         separate = model(**step_inputs, cache=copy.deepcopy(cache)).logits
         with decoder.fused_qkv_projections():
             assert decoder.layers[0].self_attn.fused_qkv is not None
@@ -259,15 +264,7 @@ def test_decoding_projections_change_only_the_rounding_and_leave_every_layer_as_
     wrapped.forward = lambda inputs: wrapper_calls.append(1) or wrapped_forward(inputs)
     linears = [module for module in (*decoder.modules(), model.lm_head) if isinstance(module, torch.nn.Linear)]
     with torch.no_grad():
-        outputs = model(
-            pixel_values=pixel_values, decoder_input_ids=torch.full((3, 4), model.config.task_token_id), use_cache=True
-        )
-        cache = getattr(outputs, cache_field())
-        step_inputs = {
-            "decoder_input_ids": torch.full((3, 1), 7),
-            "encoder_outputs": BaseModelOutput(last_hidden_state=outputs.encoder_last_hidden_state),
-            "use_cache": True,
-        }
+        step_inputs, cache = decode_step_inputs(model, pixel_values)
         plain = model(**step_inputs, cache=copy.deepcopy(cache)).logits
         with model.decoding_projections():
             assert "forward" in vars(model.lm_head) and "forward" in vars(decoder.layers[-1].mlp.fc2)
