@@ -372,6 +372,10 @@ class Pix2SeqBackbone(Pix2SeqPreTrainedModel):
         self.timm_model.load_state_dict(pretrained.state_dict())
 
     def forward(self, pixel_values):
+        if pixel_values.device.type == "cpu":
+            # oneDNN's CPU convolutions run faster over channels-last pixels (the ResNet-50 at 640 px, batch 2: 0.67 s
+            # instead of 0.82): the same sums, rounded differently (features within about 3e-6).
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         return self.timm_model(pixel_values)[-1]  # (B, C, H / stride, W / stride)
 
 

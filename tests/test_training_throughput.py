@@ -34,6 +34,24 @@ def test_channels_last_backbone_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(channels_last_gradients[name], gradient, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_the_backbone_convolves_channels_last_pixels_on_a_cpu():
+    """On a CPU the backbone hands timm channels-last pixels (oneDNN's faster layout), whatever layout it gets: the
+    features of the plain layout, to rounding."""
+    model = deterministic_model().eval()
+    backbone = model.model.encoder.backbone
+    pixel_values = TESTER.prepare_token_inputs(model.config)["pixel_values"]
+    with torch.no_grad():
+        expected = backbone.timm_model(pixel_values)[-1]
+        layouts = []
+        hook = backbone.timm_model.register_forward_pre_hook(
+            lambda module, inputs: layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+        )
+        features = backbone(pixel_values)
+        hook.remove()
+    assert pixel_values.is_contiguous() and layouts == [True]
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "workers, environment, expected",
     [(1, {}, 2), (2, {}, 1), (5, {}, 1), (0, {}, 3), (1, {"OMP_NUM_THREADS": "3"}, 3)],
