@@ -159,26 +159,34 @@ def official_settings(family, smoke):
     return {"model": model_settings, "task": dict(RELEASED_TASK)}
 
 
-def save_pix2seq_folder(folder, family, smoke, eos_objects=None):
-    """A folder as the converter writes one for the released `family` (random weights); in EOS mode, one whose saved
-    `max_new_tokens` is what a model stopping after `eos_objects` objects writes."""
+def official_model(family, smoke=False, eos_mode=False):
+    """The released `family` architecture as the converter builds it, random weights (seed 0), with the official
+    decoding converted folders carry."""
     from convert_pix2seq_tf_checkpoint import COCO_CATEGORY_NAMES, config_from_official, set_official_decoding
-    from image_processing_pix2seq import Pix2SeqImageProcessor
     from modeling_pix2seq import Pix2SeqForObjectDetection
 
     official = official_settings(family, smoke)
     config = config_from_official(official, dict(COCO_CATEGORY_NAMES))
-    if eos_objects is not None:
+    if eos_mode:
         config.eos_mode = True
     torch.manual_seed(0)
     model = Pix2SeqForObjectDetection(config).eval()
     set_official_decoding(model, official["task"])
+    return model
+
+
+def save_pix2seq_folder(folder, family, smoke, eos_objects=None):
+    """A folder as the converter writes one for the released `family` (random weights); in EOS mode, one whose saved
+    `max_new_tokens` is what a model stopping after `eos_objects` objects writes."""
+    from image_processing_pix2seq import Pix2SeqImageProcessor
+
+    model = official_model(family, smoke, eos_mode=eos_objects is not None)
     if eos_objects is not None:
         model.generation_config.max_new_tokens = 5 * eos_objects + 1
     elif smoke:
         model.generation_config.max_new_tokens = 10
     model.save_pretrained(folder)
-    Pix2SeqImageProcessor.from_model_config(config, pad_value=0.3, do_normalize=False).save_pretrained(folder)
+    Pix2SeqImageProcessor.from_model_config(model.config, pad_value=0.3, do_normalize=False).save_pretrained(folder)
     return folder
 
 
@@ -276,8 +284,8 @@ def profile_decode_step(folder, images, step, output_path, steps=20, top_ops=15)
         f"(ProfilerStep*: Python between operators and the profiler's bookkeeping); {total / steps / 1e3:.2f} ms "
         f"per step in all:\n\n" + "\n".join(lines) + "\n"
     )
-    top = sorted(events if top_ops is None else operators, key=lambda event: event.self_cpu_time_total, reverse=True)
-    top = top if top_ops is None else top[:top_ops]
+    chosen = events if top_ops is None else operators
+    top = sorted(chosen, key=lambda event: event.self_cpu_time_total, reverse=True)[:top_ops]
     return {
         "batch_size": len(images),
         "after_tokens": step,

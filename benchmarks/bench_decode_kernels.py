@@ -39,20 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.bench_cpu import REPO_ROOT, load_average, machine_info, official_settings
+from benchmarks.bench_cpu import REPO_ROOT, load_average, machine_info, official_model
 from modeling_pix2seq import weight_first_linear
-
-
-def official_model():
-    from convert_pix2seq_tf_checkpoint import COCO_CATEGORY_NAMES, config_from_official, set_official_decoding
-    from modeling_pix2seq import Pix2SeqForObjectDetection
-
-    official = official_settings("resnet50", smoke=False)
-    config = config_from_official(official, dict(COCO_CATEGORY_NAMES))
-    torch.manual_seed(0)
-    model = Pix2SeqForObjectDetection(config).eval()
-    set_official_decoding(model, official["task"])
-    return model
 
 
 def step_products(model):
@@ -176,7 +164,7 @@ def compiled_run(variant, tokens, seeds, output):
     """In this (fresh) process: decode `tokens` tokens for each seed, eagerly or compiled; times and tokens to JSON."""
     from transformers import CompileConfig
 
-    model = official_model()
+    model = official_model("resnet50")
     pixel_values = torch.rand(2, 3, model.config.image_size, model.config.image_size)
     with torch.no_grad():
         encoder_output = model.model.encoder(pixel_values)
@@ -255,7 +243,7 @@ def main():
     if args.worker:
         return compiled_run(args.worker, args.tokens, args.seeds, args.output)
     load_before = load_average()
-    products = step_products(official_model())
+    products = step_products(official_model("resnet50"))
     rows, weights = kernel_variants(products, args.batch_size)
     sweep = rows_sweep(products, args.rows)
     weight_megabytes = weights * 4 / 1e6
